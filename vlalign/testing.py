@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: run a function on sharded global arrays and on one device."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+  """A `('data', 'fsdp')` mesh over the first `num_devices` devices, all on 'data'."""
+  devices = jax.devices()[: num_devices or jax.device_count()]
+  return Mesh(np.array(devices).reshape(len(devices), 1), ("data", "fsdp"))
+
+
+def shard_leading(tree: Any, mesh: Mesh) -> Any:
+  """Places every array of `tree` on `mesh`, split along its leading (batch) axis.
+
+  Scalars and arrays whose leading axis does not divide the mesh are replicated.
+  """
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def place(x):
+    x = np.asarray(x)
+    spec = P(("data", "fsdp")) if x.ndim and x.shape[0] % n == 0 else P()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(place, tree)
+
+
+def run_sharded_and_single(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+  """Returns `(jit(fn)(*args) on 8-way sharded inputs, jit(fn)(*args) on one device)`.
+
+  Use it to check that a loss (or its gradient) written on global arrays gives the same value
+  whatever the device count.
+  """
+  mesh = data_mesh()
+  single = jax.jit(fn)(*jax.device_put(args, jax.devices()[0]))
+  sharded = jax.jit(fn)(*shard_leading(args, mesh))
+  return jax.device_get(sharded), jax.device_get(single)
