@@ -1,0 +1,83 @@
+"""Device mesh and shardings: batch over ('data', 'fsdp'), parameters fully sharded over 'fsdp'.
+
+The parameter rule is shape-based (as big_vision's `fsdp` strategy), so it needs no annotations in the
+models and applies unchanged to optimizer states, EMA teachers and queues: each array of at least
+`min_size` elements is split along its largest dimension that the 'fsdp' axis divides; every other
+array is replicated.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config: Any, devices: list[jax.Device] | None = None) -> Mesh:
+  """A `('data', 'fsdp')` mesh. One of the two sizes may be -1 (= all remaining devices).
+
+  Args:
+    mesh_config: has `data` and `fsdp` ints, e.g. `{data: -1, fsdp: 1}`.
+    devices: defaults to `jax.devices()`.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(mesh_config.get("data", -1)), int(mesh_config.get("fsdp", 1))]
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got data={sizes[0]} fsdp={sizes[1]}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or n % known:
+    raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} does not fit {n} devices")
+  sizes = [n // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} != {n} devices")
+  grid = np.array(devices).reshape(sizes)
+  return Mesh(grid, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> P:
+  """PartitionSpec putting the largest 'fsdp'-divisible dimension of `shape` on 'fsdp'."""
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for every leaf of a (abstract) state pytree, by the fsdp rule."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_state)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Clear error when the global batch cannot be split evenly over the devices and processes."""
+  shards = num_batch_shards(mesh)
+  if global_batch_size % shards:
+    raise ValueError(
+      f"batch_size={global_batch_size} is not divisible by the {shards} devices of the mesh "
+      f"{dict(mesh.shape)}; use a multiple of {shards}"
+    )
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+      f"batch_size={global_batch_size} is not divisible by {jax.process_count()} processes"
+    )
