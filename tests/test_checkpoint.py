@@ -1,4 +1,4 @@
-"""Orbax wrapper: round trip, restore onto another device count, params-only, incompatible models."""
+"""Orbax wrapper: restore onto another device count, params-only restore, incompatible models."""
 
 import jax
 import jax.numpy as jnp

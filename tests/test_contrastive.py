@@ -10,8 +10,10 @@ import pytest
 from vlalign import losses, testing
 from vlalign.losses import contrastive
 
+CLIP_INIT_SCALE = math.log(1 / 0.07)
 
-def _outputs(batch_size=16, dim=8, seed=0, logit_scale=math.log(1 / 0.07), bias=None):
+
+def _outputs(batch_size=16, dim=8, seed=0, logit_scale=CLIP_INIT_SCALE, bias=None):
   rng = np.random.default_rng(seed)
   img = rng.normal(size=(batch_size, dim)).astype(np.float32)
   txt = (img + rng.normal(size=(batch_size, dim))).astype(np.float32)
@@ -23,7 +25,7 @@ def _outputs(batch_size=16, dim=8, seed=0, logit_scale=math.log(1 / 0.07), bias=
   return out
 
 
-def _itc_reference(out, max_scale=math.log(100)):
+def _itc_reference(out, max_scale=contrastive.CLIP_MAX_LOGIT_SCALE):
   img, txt = out["img/emb"].astype(np.float64), out["txt/emb"].astype(np.float64)
   scale = math.exp(min(float(out["logit_scale"]), max_scale))
   n = len(img)
@@ -56,7 +58,7 @@ def test_registry_lists_both_and_rejects_unknown():
     losses.get("nope")
 
 
-@pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), 6.0])  # 6.0 exercises the clamp
+@pytest.mark.parametrize("logit_scale", [CLIP_INIT_SCALE, 6.0])  # 6.0 exercises the clamp
 def test_itc_matches_reference(logit_scale):
   out = _outputs(logit_scale=logit_scale)
   value, metrics = contrastive.itc(out, None, {})

@@ -30,7 +30,9 @@ def test_progress_reports_rates_and_eta():
   assert out["steps_per_s"] == pytest.approx(5.0, rel=0.05)
   assert out["samples_per_s"] == pytest.approx(40.0, rel=0.05)
   assert out["eta_s"] == pytest.approx(10.0, rel=0.05)
-  line = metrics.progress_line(50, 100, {"train/loss": 1.0, **{f"perf/{k}": v for k, v in out.items()}})
+  line = metrics.progress_line(
+    50, 100, {"train/loss": 1.0, **{f"perf/{k}": v for k, v in out.items()}}
+  )
   assert "step 50/100" in line and "ETA 0m10s" in line
 
 

@@ -13,7 +13,9 @@ def test_make_mesh_fills_the_minus_one_axis():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
 
 
-@pytest.mark.parametrize("cfg", [{"data": 3, "fsdp": -1}, {"data": -1, "fsdp": -1}, {"data": 2, "fsdp": 2}])
+@pytest.mark.parametrize(
+  "cfg", [{"data": 3, "fsdp": -1}, {"data": -1, "fsdp": -1}, {"data": 2, "fsdp": 2}]
+)
 def test_make_mesh_rejects_sizes_that_do_not_fit(cfg):
   with pytest.raises(ValueError, match="mesh"):
     sharding.make_mesh(cfg)
@@ -29,7 +31,10 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension():
 
 def test_state_shardings_follow_the_rule():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  tree = {"w": jax.ShapeDtypeStruct((128, 256), np.float32), "b": jax.ShapeDtypeStruct((256,), np.float32)}
+  tree = {
+    "w": jax.ShapeDtypeStruct((128, 256), np.float32),
+    "b": jax.ShapeDtypeStruct((256,), np.float32),
+  }
   shardings = sharding.state_shardings(tree, mesh)
   assert shardings["w"].spec == P(None, "fsdp")
   assert shardings["b"].spec == P()

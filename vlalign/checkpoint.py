@@ -11,7 +11,6 @@ from typing import Any
 
 import grain
 import jax
-
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -111,7 +110,7 @@ class Checkpointer:
 
   def _stored_state(self, step: int) -> Any:
     meta = self.manager.item_metadata(step)
-    stored = meta[STATE] if STATE in meta else None
+    stored = meta.get(STATE)
     if stored is None:
       raise IncompatibleCheckpointError(f"step {step} in {self.directory} has no '{STATE}' item")
     return stored

@@ -66,7 +66,9 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for every leaf of a (abstract) state pytree, by the fsdp rule."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_state)
+  return jax.tree.map(
+    lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_state
+  )
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

@@ -1,0 +1,68 @@
+"""CLIP: two towers trained with symmetric InfoNCE and a learnable temperature.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
+`--config=configs/clip.py:tiny|demo|full`.
+"""
+
+import math
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  c = common.base_config(variant)
+  c.name = f"clip_{variant}"
+  c.model = dict(
+    name="two_tower",
+    embed_dim=128,
+    dtype="float32",
+    logit_scale_init=math.log(1 / 0.07),
+    logit_bias_init=None,
+    proj_hidden=None,
+    remat=False,
+  )
+  c.losses = dict(itc=dict(weight=1.0))
+
+  if variant == "tiny":
+    common.tiny_two_tower(c)
+  elif variant == "demo":
+    c.total_steps = 1_200
+    c.batch_size = 64
+    c.log_every = 50
+    c.checkpoint_every = 400
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.05
+    c.data = common.shapes_data(image_size=64, max_len=24)
+    c.model.image = common.image_tower("demo", image_size=64, patch_size=8)
+    c.model.text = common.text_tower("demo", common.SHAPES_VOCAB_SIZE, max_len=24)
+    c.evals = common.retrieval_and_zeroshot_evals(every_steps=400)
+  else:  # The published ViT-B/16 recipe (Radford et al. 2021, table 20).
+    c.total_steps = 390_625  # 32 epochs of 400M pairs at batch 32,768.
+    c.batch_size = 32_768
+    c.log_every = 100
+    c.checkpoint_every = 2_000
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 2_000
+    c.optim.weight_decay = 0.2
+    c.model.embed_dim = 512
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.mesh = dict(data=-1, fsdp=1)
+    # The embedded dataset at 224 px stands in until a web-scale source is configured.
+    c.data = common.shapes_data(image_size=224, max_len=77)
+    c.model.image = common.image_tower("B", image_size=224, patch_size=16)
+    c.model.text = common.text_tower(
+      "B",
+      vocab_size=49_408,
+      max_len=77,
+      causal=True,
+      pool="eos",
+      width=512,
+      num_heads=8,
+      mlp_dim=2048,
+    )
+    c.evals = common.retrieval_and_zeroshot_evals(every_steps=10_000)
+  return c
