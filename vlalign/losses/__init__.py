@@ -68,4 +68,9 @@ def parse_entries(losses_config: Any) -> list[tuple[str, LossFn, float, dict[str
 
 def _import_all() -> None:
   # Importing the modules registers their losses.
-  from vlalign.losses import contrastive  # noqa: F401
+  from vlalign.losses import (  # noqa: F401
+    contrastive,  # noqa: F401
+    intra,
+    local_mi,
+    momentum,
+  )
