@@ -7,8 +7,8 @@ Every loss is a pure function
 where `outputs` is the student model's output dict (see `vlalign.models.model`), `teacher` is the
 teacher's output dict plus any state the loss reads (queues, step), or `None` for methods without a
 teacher, and `batch` is the global input batch. Losses are written on *global* arrays; under
-`jax.jit` with sharded inputs XLA inserts the collectives. `metrics` is a dict of scalars, logged under
-`train/<loss name>/<key>`.
+`jax.jit` with sharded inputs XLA inserts the collectives. `metrics` is a dict of scalars, logged
+under `train/<loss name>/<key>`.
 
 A config names losses in `config.losses`, a dict of entries `{fn: <registered name>, weight: float,
 **kwargs}` keyed by the name the loss is logged under (`fn` defaults to the key). The step sums

@@ -1,7 +1,8 @@
 """Two-tower contrastive losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid loss.
 
 Both read the L2-normalised embeddings `img/emb`, `txt/emb` `[B, E]` of the *global* batch and
-the learnable log inverse temperature `logit_scale` (and `logit_bias` for SigLIP) from the model outputs.
+the learnable log inverse temperature `logit_scale` (and `logit_bias` for SigLIP) from the model
+outputs.
 Equations and sources are in docs/methods.md.
 """
 
