@@ -1,0 +1,190 @@
+"""Tests of the Grain train pipeline, eval arrays and global batches on small splits."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vlalign import testing
+from vlalign.data import pipeline, shapes, transforms
+from vlalign.data.tokenizer import build_tokenizer
+
+SIZE, MAX_LEN = 32, 24
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  fields = dict(
+    name="shapes",
+    image_size=SIZE,
+    max_len=MAX_LEN,
+    tokenizer="shapes_words",
+    train_size=64,
+    val_size=12,
+    test_size=40,
+    seed=1,
+    num_threads=0,
+  )
+  return ml_collections.ConfigDict({**fields, **overrides})
+
+
+TOKENIZER = build_tokenizer(_config())
+
+
+def _train(config=None, batch=8, seed=0, **kwargs):
+  return pipeline.make_train_dataset(
+    config or _config(), TOKENIZER, global_batch_size=batch, seed=seed, **kwargs
+  )
+
+
+def _take(iterator, n: int) -> list[dict]:
+  return [next(iterator) for _ in range(n)]
+
+
+def _reference_normalize(image: np.ndarray) -> np.ndarray:
+  out = np.zeros(image.shape, np.float32)
+  for c in range(3):
+    out[..., c] = (image[..., c] / 255.0 - transforms.IMAGE_MEAN[c]) / transforms.IMAGE_STD[c]
+  return out
+
+
+def test_batches_have_the_contract_shapes_and_match_the_source():
+  batch = next(iter(_train(batch=8)))
+  assert batch.keys() == {"image", "text_ids", "text_mask", "image_id"}
+  assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+  assert batch["text_ids"].shape == batch["text_mask"].shape == (8, MAX_LEN)
+  assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
+  assert batch["image_id"].shape == (8,) and batch["image_id"].dtype == np.int32
+  source = shapes.ShapesSource("train", num_examples=64, image_size=SIZE, seed=1)
+  for row, image_id in enumerate(batch["image_id"].tolist()):
+    example = source[image_id]
+    np.testing.assert_allclose(
+      batch["image"][row], _reference_normalize(example["image"]), rtol=1e-5, atol=1e-5
+    )
+    assert TOKENIZER.decode(batch["text_ids"][row]) in example["captions"]
+    ids, mask = TOKENIZER.encode(TOKENIZER.decode(batch["text_ids"][row]), MAX_LEN)
+    np.testing.assert_array_equal(batch["text_mask"][row], mask)
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+  first = _take(iter(_train(seed=3)), 3)
+  again = _take(iter(_train(seed=3)), 3)
+  other = _take(iter(_train(seed=4)), 3)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  ids = np.concatenate([b["image_id"] for b in first])
+  assert not np.array_equal(ids, np.concatenate([b["image_id"] for b in other]))
+
+
+def test_epochs_cover_the_split_in_new_orders():
+  batches = _take(iter(_train(batch=8)), 16)  # 2 epochs of 64 examples.
+  ids = np.concatenate([b["image_id"] for b in batches])
+  first, second = ids[:64], ids[64:]
+  assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(64))
+  assert not np.array_equal(first, second)
+
+
+def test_process_shards_are_disjoint_and_cover_the_split():
+  config = _config(train_size=40)
+  seen = []
+  for index in range(4):
+    batches = _take(iter(_train(config, batch=8, process_index=index, process_count=4)), 5)
+    assert all(b["image"].shape[0] == 2 for b in batches)
+    ids = np.concatenate([b["image_id"] for b in batches]).tolist()  # One epoch of 10.
+    assert sorted(ids) == list(range(index, 40, 4))
+    seen.extend(ids)
+  assert sorted(seen) == list(range(40))
+
+
+def test_iterator_state_restores_the_following_batches():
+  iterator = iter(_train(seed=5))
+  _take(iterator, 2)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  fresh = iter(_train(seed=5))
+  fresh.set_state(state)
+  iterator.set_state(state)
+  for got_fresh, got_same, want in zip(_take(fresh, 3), _take(iterator, 3), expected):
+    for key in want:
+      np.testing.assert_array_equal(got_fresh[key], want[key])
+      np.testing.assert_array_equal(got_same[key], want[key])
+
+
+def test_augment_hook_sees_uint8_images_and_a_generator():
+  calls = []
+
+  def flip(image, rng):
+    calls.append((image.dtype, type(rng)))
+    return image[:, ::-1]
+
+  batch = next(iter(_train(augment_fn=flip)))
+  assert calls and all(c == (np.dtype(np.uint8), np.random.Generator) for c in calls)
+  source = shapes.ShapesSource("train", num_examples=64, image_size=SIZE, seed=1)
+  for row, image_id in enumerate(batch["image_id"].tolist()):
+    want = _reference_normalize(source[image_id]["image"][:, ::-1])
+    np.testing.assert_allclose(batch["image"][row], want, rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors():
+  with pytest.raises(ValueError, match="'train'.*no examples"):
+    _train(_config(train_size=0))
+  with pytest.raises(ValueError, match="not divisible by the process count 4"):
+    _train(batch=10, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="larger than the 16 train examples"):
+    _train(batch=80, process_index=1, process_count=4)
+  with pytest.raises(ValueError, match="unknown dataset 'coco'"):
+    _train(_config(name="coco"))
+  with pytest.raises(ValueError, match="'nope'"):
+    pipeline.make_zeroshot_data(_config(), "test", "nope")
+
+
+def test_to_global_batch_on_eight_devices():
+  mesh = testing.data_mesh()
+  sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  local = next(iter(_train(batch=16)))
+  global_batch = pipeline.to_global_batch(local, sharding)
+  for key, value in local.items():
+    assert isinstance(global_batch[key], jax.Array)
+    assert global_batch[key].shape == value.shape and global_batch[key].sharding == sharding
+    assert len(global_batch[key].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(global_batch[key]), value)
+
+
+def test_eval_data_index_maps_are_consistent():
+  data = pipeline.make_eval_data(_config(), TOKENIZER, "val")
+  n = 12
+  assert data["images"].shape == (n, SIZE, SIZE, 3) and data["images"].dtype == np.float32
+  assert data["text_ids"].shape == data["text_mask"].shape == (5 * n, MAX_LEN)
+  assert data["txt2img"].dtype == data["img2txt"].dtype == np.int32
+  assert data["img2txt"].shape == (n, 5)
+  source = shapes.ShapesSource("val", num_examples=n, image_size=SIZE, seed=1)
+  for i in range(n):
+    example = source[i]
+    np.testing.assert_allclose(data["images"][i], _reference_normalize(example["image"]), atol=1e-5)
+    for k, j in enumerate(data["img2txt"][i].tolist()):
+      assert data["txt2img"][j] == i
+      assert TOKENIZER.decode(data["text_ids"][j]) == example["captions"][k]
+  assert sorted(data["img2txt"].ravel().tolist()) == list(range(5 * n))
+
+
+def test_zeroshot_data_keeps_single_object_images_with_their_labels():
+  data = pipeline.make_zeroshot_data(_config(), "test", "color")
+  source = shapes.ShapesSource("test", num_examples=40, image_size=SIZE, seed=1)
+  want = [source[i] for i in range(40) if source[i]["num_objects"] == 1]
+  assert len(want) > 0 and data["images"].shape == (len(want), SIZE, SIZE, 3)
+  assert data["labels"].dtype == np.int32
+  assert data["labels"].tolist() == [int(ex["object_color"][0]) for ex in want]
+  for image, example in zip(data["images"], want):
+    np.testing.assert_allclose(image, _reference_normalize(example["image"]), atol=1e-5)
+  assert data["class_names"] == list(shapes.COLORS)
+  assert data["templates"] == list(shapes.ZEROSHOT_TASKS["color"].templates)
+
+
+def test_read_threads_give_the_same_batches():
+  serial = _take(iter(_train(_config(num_threads=0), seed=2)), 3)
+  threaded = _take(iter(_train(_config(num_threads=2), seed=2)), 3)
+  for a, b in zip(serial, threaded):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])

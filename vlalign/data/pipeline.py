@@ -1,0 +1,172 @@
+"""Input pipelines: the per-process Grain train iterator, eval arrays, and global batches.
+
+`data_config` (`config.data`, an `ml_collections.ConfigDict` or a dict) fields: `name` ("shapes"),
+`image_size`, `max_len`, `tokenizer`, `train_size` / `val_size` / `test_size` (None = the dataset's
+default), `seed` (which images the dataset holds), `num_threads` (Grain read threads, default 0) and
+optionally `prefetch_buffer_size` (default 0 without threads, 4 batches with).
+
+Train order: source -> this process's shard `[process_index::process_count]` -> shuffle -> repeat
+forever -> random maps -> batch. Grain's `MapDataset.shuffle` uses the seed `seed + epoch` for each
+epoch of the repeated index space and random maps are seeded by the element's position in the
+repeated dataset, so every epoch has a new order and new random choices, all reproducible from
+`seed`. The iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()` and
+`grain.checkpoint.CheckpointSave` work on it.
+"""
+
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from vlalign.data import shapes
+from vlalign.data import transforms as T
+
+
+def _field(data_config: Any, name: str, default: Any = None) -> Any:
+  return data_config.get(name, default)
+
+
+def make_source(data_config: Any, split: str) -> shapes.ShapesSource:
+  """The random-access source of `split` described by `data_config`."""
+  name = _field(data_config, "name", "shapes")
+  if name != "shapes":
+    raise ValueError(f"unknown dataset {name!r}; available: ['shapes']")
+  return shapes.ShapesSource(
+    split,
+    num_examples=_field(data_config, f"{split}_size"),
+    image_size=int(data_config["image_size"]),
+    seed=int(_field(data_config, "seed", 0)),
+  )
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+  """An independent 32-bit seed per random stream (Grain wants seeds in [0, 2**32))."""
+  return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+
+
+def make_train_dataset(
+  data_config: Any,
+  tokenizer: Any,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  augment_fn: T.AugmentFn | None = None,
+) -> grain.IterDataset:
+  """Infinite per-process train batches; `iter(...)` gives a checkpointable Grain iterator.
+
+  Each batch: `image` float32 `[b, H, W, 3]` (normalised), `text_ids` int32 `[b, L]`, `text_mask`
+  int32 `[b, L]`, `image_id` int32 `[b]`, with `b = global_batch_size // process_count`.
+
+  Args:
+    data_config: see the module docstring.
+    tokenizer: a `vlalign.data.tokenizer.Tokenizer`.
+    global_batch_size: examples per step over all processes.
+    seed: shuffle / caption choice / augmentation seed (the training seed).
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+    augment_fn: optional `(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`, applied before
+      normalisation.
+  """
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
+    )
+  local_batch = global_batch_size // process_count
+  source = make_source(data_config, "train")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(
+      f"process {process_index} of {process_count} gets no train examples "
+      f"(train split has {len(source)})"
+    )
+  if local_batch > len(ds):
+    raise ValueError(
+      f"the per-process batch {local_batch} is larger than the {len(ds)} train examples of "
+      f"process {process_index}'s shard; use a smaller batch or a larger train_size"
+    )
+  ds = ds.shuffle(seed=_stream_seed(seed, 0)).repeat()
+  ds = ds.random_map(T.PickCaption(), seed=_stream_seed(seed, 1))
+  if augment_fn is not None:
+    ds = ds.random_map(T.AugmentImage(augment_fn), seed=_stream_seed(seed, 2))
+  ds = ds.map(T.TokenizeCaption(tokenizer, int(data_config["max_len"])))
+  ds = ds.map(T.ToTrainFeatures())
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(T.NormalizeImage())
+  num_threads = int(_field(data_config, "num_threads", 0))
+  prefetch = _field(data_config, "prefetch_buffer_size", None)
+  prefetch = (0 if num_threads == 0 else 4) if prefetch is None else int(prefetch)
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  )
+
+
+def _examples(source: shapes.ShapesSource) -> list[dict]:
+  return [source[i] for i in range(len(source))]
+
+
+def make_eval_data(data_config: Any, tokenizer: Any, split: str) -> dict[str, np.ndarray]:
+  """The whole `split` as arrays for retrieval (K = 5 captions per image).
+
+  Returns:
+    `images` float32 `[N, H, W, 3]` (normalised), `text_ids` int32 `[K*N, L]`, `text_mask` int32
+    `[K*N, L]`, `txt2img` int32 `[K*N]` (caption j describes image `txt2img[j]`), `img2txt` int32
+    `[N, K]` (the captions of image i). Caption `K*i + k` is the k-th caption of image i.
+  """
+  examples = _examples(make_source(data_config, split))
+  captions = [c for ex in examples for c in ex["captions"]]
+  per_image = len(examples[0]["captions"])
+  text_ids, text_mask = tokenizer.encode_batch(captions, int(data_config["max_len"]))
+  num_images = len(examples)
+  return {
+    "images": T.normalize_image(np.stack([ex["image"] for ex in examples])),
+    "text_ids": text_ids.astype(np.int32),
+    "text_mask": text_mask.astype(np.int32),
+    "txt2img": np.repeat(np.arange(num_images, dtype=np.int32), per_image),
+    "img2txt": np.arange(num_images * per_image, dtype=np.int32).reshape(num_images, per_image),
+  }
+
+
+def make_zeroshot_data(data_config: Any, split: str, task_name: str) -> dict[str, Any]:
+  """The examples of `split` that qualify for zero-shot task `task_name` (`shapes.ZEROSHOT_TASKS`).
+
+  Returns:
+    `images` float32 `[M, H, W, 3]` (normalised), `labels` int32 `[M]`, `class_names` list of str,
+    `templates` list of str with one `{}` each.
+  """
+  if task_name not in shapes.ZEROSHOT_TASKS:
+    raise ValueError(
+      f"unknown zero-shot task {task_name!r}; available: {sorted(shapes.ZEROSHOT_TASKS)}"
+    )
+  task = shapes.ZEROSHOT_TASKS[task_name]
+  source = make_source(data_config, split)
+  images, labels = [], []
+  for example in _examples(source):
+    label = task.label(example)
+    if label >= 0:
+      images.append(example["image"])
+      labels.append(label)
+  if not labels:
+    raise ValueError(
+      f"no example of the {split!r} split ({len(source)} examples) qualifies for the "
+      f"{task_name!r} zero-shot task; use a larger {split}_size"
+    )
+  return {
+    "images": T.normalize_image(np.stack(images)),
+    "labels": np.asarray(labels, dtype=np.int32),
+    "class_names": list(task.class_names),
+    "templates": list(task.templates),
+  }
+
+
+def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+  """Per-process numpy batch `[b, ...]` -> global `jax.Array`s `[b * process_count, ...]`."""
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

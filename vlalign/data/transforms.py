@@ -1,0 +1,89 @@
+"""Grain transforms from a raw example (`vlalign.data.shapes`) to the batch contract.
+
+Train chain (see `vlalign.data.pipeline.make_train_dataset`): `PickCaption` (random) ->
+`AugmentImage` (random, optional) -> `TokenizeCaption` -> `ToTrainFeatures` -> batch ->
+`NormalizeImage`. Normalising after batching runs one vectorised op per batch instead of one per
+image; `normalize_image` accepts any leading shape.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+# CLIP's per-channel RGB statistics, the one place the normalisation constants live.
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+_SCALE = np.float32(1.0 / 255.0) / IMAGE_STD
+_OFFSET = IMAGE_MEAN / IMAGE_STD
+
+# Keys of a train example after `ToTrainFeatures` (and of a batch).
+TRAIN_KEYS = ("image", "text_ids", "text_mask", "image_id")
+
+AugmentFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """uint8 `[..., H, W, 3]` -> float32 `(x / 255 - IMAGE_MEAN) / IMAGE_STD`, same shape."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.shape[-1] != 3:
+    raise ValueError(f"expected uint8 [..., H, W, 3] images, got {image.dtype} {image.shape}")
+  out = image.astype(np.float32)
+  out *= _SCALE
+  out -= _OFFSET
+  return out
+
+
+class PickCaption(grain.transforms.RandomMap):
+  """Adds `caption`: one of the example's `captions`, uniformly at random."""
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    captions = element["captions"]
+    return {**element, "caption": captions[int(rng.integers(len(captions)))]}
+
+
+class AugmentImage(grain.transforms.RandomMap):
+  """Replaces `image` by `augment_fn(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`."""
+
+  def __init__(self, augment_fn: AugmentFn):
+    self.augment_fn = augment_fn
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image = self.augment_fn(element["image"], rng)
+    if image.dtype != np.uint8 or image.shape != element["image"].shape:
+      raise ValueError(
+        f"augment_fn must return uint8 {element['image'].shape}, got {image.dtype} {image.shape}"
+      )
+    return {**element, "image": image}
+
+
+class TokenizeCaption(grain.transforms.Map):
+  """Adds `text_ids` `[L]` int32 and `text_mask` `[L]` int32 from `caption`."""
+
+  def __init__(self, tokenizer: Any, max_len: int):
+    self.tokenizer = tokenizer
+    self.max_len = int(max_len)
+
+  def map(self, element: dict) -> dict:
+    ids, mask = self.tokenizer.encode(element["caption"], self.max_len)
+    return {**element, "text_ids": ids, "text_mask": mask}
+
+
+class ToTrainFeatures(grain.transforms.Map):
+  """Keeps `TRAIN_KEYS` only (no strings reach the batcher); `image_id` as int32."""
+
+  def map(self, element: dict) -> dict:
+    return {
+      "image": element["image"],
+      "text_ids": element["text_ids"],
+      "text_mask": element["text_mask"],
+      "image_id": np.int32(element["image_id"]),
+    }
+
+
+class NormalizeImage(grain.transforms.Map):
+  """`image` uint8 -> float32 with `normalize_image` (an example or a batch)."""
+
+  def map(self, element: dict) -> dict:
+    return {**element, "image": normalize_image(element["image"])}
