@@ -22,9 +22,17 @@ class IncompatibleCheckpointError(ValueError):
   """The checkpoint in the workdir does not fit the configured model or state."""
 
 
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuples), SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{"params/img/kernel": shape}`; dict keys, attributes and indices all print alike."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _to_plain(tree: Any) -> Any:
