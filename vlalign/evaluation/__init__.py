@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vlalign.evaluation.rerank import build_retrieval_itm
 from vlalign.evaluation.retrieval import RetrievalEvaluator, retrieval_metrics
 from vlalign.evaluation.zeroshot import ZeroShotEvaluator, class_embeddings
 
@@ -101,6 +102,7 @@ def _build_zeroshot(name: str, settings: dict, ctx: EvalContext) -> ZeroShotEval
 
 EVALUATORS: dict[str, Callable[[str, dict, EvalContext], Evaluator]] = {
   "retrieval": _build_retrieval,
+  "retrieval_itm": build_retrieval_itm,
   "zeroshot": _build_zeroshot,
 }
 
