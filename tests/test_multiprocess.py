@@ -1,4 +1,4 @@
-"""Two processes on localhost stand in for a two-host pod: launch/local_multiprocess.sh end to end."""
+"""Two localhost processes stand in for a two-host pod: launch/local_multiprocess.sh end to end."""
 
 import os
 import subprocess
