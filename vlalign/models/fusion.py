@@ -1,0 +1,156 @@
+"""ALBEF / TCL fusion encoder: text blocks that cross-attend to image tokens, and ITM / MLM heads.
+
+Behaviour follows salesforce/ALBEF `models/xbert.py` (BERT-base with `fusion_layer=6`: layers 0-5
+text only, layers 6-11 add cross-attention to the image tokens, keys/values projected from the image
+width) and `models/model_pretrain.py` (ITM = Linear(width, 2) on the fused CLS; MLM = BERT
+prediction head: Dense + GELU + LayerNorm, then a decoder to the vocabulary tied to the word
+embeddings, plus a per-word bias). Differences: our blocks are pre-LN (as our text tower) and the
+encoder ends with a LayerNorm; all image tokens (CLS included) are valid keys unless a mask says
+otherwise.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-LN fusion block, each sub-layer with dropout and a residual; `[B, L, D] -> [B, L, D]`.
+
+  `x + Drop(SelfAttn(LN(x)))`, then `x + Drop(CrossAttn(LN(x), image))`, then
+  `x + Drop(Mlp(LN(x)))`.
+  The cross-attention maps the image tokens' width Di to D in its key/value projections.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    image_tokens: jax.Array,
+    self_mask: jax.Array | None = None,
+    cross_mask: jax.Array | None = None,
+    train: bool = False,
+  ) -> jax.Array:
+    """x `[B, L, D]`; image_tokens `[B, T, Di]`; masks boolean, `[B, 1, 1 or L, L or T]`."""
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    layer_norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name)
+    attn = lambda name: attention(self.num_heads, self.attention_dropout, self.dtype, train, name)
+    y = layer_norm("ln_self")(x)
+    x = x + drop(attn("self_attn")(y, mask=self_mask))
+    y = layer_norm("ln_cross")(x)
+    x = x + drop(attn("cross_attn")(y, image_tokens.astype(self.dtype), mask=cross_mask))
+    y = layer_norm("ln_mlp")(x)
+    return x + drop(MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train))
+
+
+class FusionEncoder(nn.Module):
+  """`depth` `CrossAttentionBlock`s and a final LayerNorm.
+
+  Attributes:
+    depth: number of fusion blocks.
+    num_heads, mlp_dim, dropout, attention_dropout, dtype: as in `CrossAttentionBlock`.
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
+  """
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(
+    self,
+    text_tokens: jax.Array,
+    text_mask: jax.Array,
+    image_tokens: jax.Array,
+    image_mask: jax.Array | None = None,
+    train: bool = False,
+  ) -> jax.Array:
+    """Fuses text with image tokens.
+
+    Args:
+      text_tokens: `[B, L, D]` text encoder output.
+      text_mask: `[B, L]`, 1 on real tokens, 0 on padding (padded keys are never attended to).
+      image_tokens: `[B, T, Di]` image tokens (ALBEF: CLS + patches).
+      image_mask: optional `[B, T]`, 1 on valid image tokens; None: all valid.
+      train: enables dropout.
+
+    Returns:
+      `[B, L, D]` fused tokens after the final LayerNorm.
+    """
+    self_mask = key_padding_mask(text_mask)
+    cross_mask = None if image_mask is None else key_padding_mask(image_mask)
+    # static_argnums counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
+    block_cls = (
+      nn.remat(CrossAttentionBlock, static_argnums=(5,)) if self.remat else CrossAttentionBlock
+    )
+    x = text_tokens.astype(self.dtype)
+    for i in range(self.depth):
+      block = block_cls(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout=self.dropout,
+        attention_dropout=self.attention_dropout,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )
+      x = block(x, image_tokens, self_mask, cross_mask, train)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final")(x)
+
+
+class ITMHead(nn.Module):
+  """Image-text matching: `[B, D]` fused CLS -> `[B, 2]` float32 logits (class 1 = match)."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cls: jax.Array) -> jax.Array:
+    logits = nn.Dense(2, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="classifier")(cls)
+    return logits.astype(jnp.float32)
+
+
+class MLMHead(nn.Module):
+  """BERT prediction head: Dense(D) -> GELU -> LayerNorm -> decoder to V words, `[B, L, V]` float32.
+
+  With `embedding` (`[V, D]`, the text token table) the decoder is tied to it, as in BERT:
+  `logits = h @ embedding.T + bias`; without it, the decoder is an untied Dense(V).
+
+  Attributes:
+    vocab_size: V.
+    dtype: compute dtype; the logits are returned in float32.
+  """
+
+  vocab_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
+    """x `[B, L, D]`, embedding `[V, D]` or None -> logits `[B, L, V]` float32."""
+    width = x.shape[-1]
+    h = nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="transform")(x)
+    h = nn.gelu(h, approximate=False)
+    h = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln")(h)
+    if embedding is None:
+      logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="decoder")(
+        h
+      )
+      return logits.astype(jnp.float32)
+    if embedding.shape != (self.vocab_size, width):
+      raise ValueError(
+        f"tied MLM decoder: embedding table {embedding.shape} != (vocab_size, width) "
+        f"{(self.vocab_size, width)}"
+      )
+    bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), PARAM_DTYPE)
+    logits = jnp.einsum("bld,vd->blv", h, embedding.astype(self.dtype))
+    return logits.astype(jnp.float32) + bias

@@ -1,0 +1,122 @@
+"""Pre-LN transformer pieces shared by the image, text and fusion encoders.
+
+Every module takes `dtype` (the compute dtype, e.g. `jnp.bfloat16`) and keeps its parameters in
+float32 (`param_dtype`). Dropout is active only with `train=True` and draws from the `"dropout"`
+rng.
+
+Attention masks are boolean, True where a query may attend to a key, and broadcastable to
+`[B, num_heads, Lq, Lk]`: a key-padding mask is `[B, 1, 1, Lk]`, a causal mask `[1, 1, L, L]`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+PARAM_DTYPE = jnp.float32
+
+
+def key_padding_mask(mask: jax.Array) -> jax.Array:
+  """`[B, L]` (nonzero on real tokens) -> boolean `[B, 1, 1, L]`: queries see real keys only."""
+  return (mask > 0)[:, None, None, :]
+
+
+def causal_mask(length: int) -> jax.Array:
+  """Boolean `[1, 1, L, L]`, True where key index <= query index."""
+  return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def attention(
+  num_heads: int, dropout: float, dtype: Dtype, train: bool, name: str | None = None
+) -> nn.MultiHeadDotProductAttention:
+  """Multi-head attention with float32 parameters and a float32 softmax."""
+  return nn.MultiHeadDotProductAttention(
+    num_heads=num_heads,
+    dtype=dtype,
+    param_dtype=PARAM_DTYPE,
+    dropout_rate=dropout,
+    deterministic=not train,
+    force_fp32_for_softmax=True,
+    name=name,
+  )
+
+
+class MlpBlock(nn.Module):
+  """Dense(mlp_dim) -> GELU -> Dropout -> Dense(D): `[..., D] -> [..., D]`."""
+
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    width = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc1")(x)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc2")(y)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: `x + Drop(Attn(LN(x)))`, then `x + Drop(Mlp(LN(x)))`; `[B, L, D] -> [B, L, D]`.
+
+  Attributes:
+    num_heads: attention heads (must divide D).
+    mlp_dim: hidden width of the MLP.
+    dropout: rate of the residual-branch and MLP dropouts.
+    attention_dropout: rate of the dropout on the attention probabilities.
+    dtype: compute dtype.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]` (None: attend everywhere)."""
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_attn")(x)
+    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(y, mask=mask)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_mlp")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
+    return x + nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Encoder(nn.Module):
+  """`depth` pre-LN `EncoderBlock`s and a final LayerNorm: `[B, L, D] -> [B, L, D]`.
+
+  Attributes:
+    depth: number of blocks.
+    num_heads, mlp_dim, dropout, attention_dropout, dtype: as in `EncoderBlock`.
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
+  """
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
+    # static_argnums counts `self` as 0: (self, x, mask, train).
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      block = block_cls(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout=self.dropout,
+        attention_dropout=self.attention_dropout,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )
+      x = block(x, mask, train)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final")(x)

@@ -1,0 +1,103 @@
+"""Text transformer: token + learned position embeddings, bidirectional or causal, pooled."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
+
+POOLS = ("first", "eos", "mean")
+
+
+def text_attention_mask(mask: jax.Array, causal: bool) -> jax.Array:
+  """`[B, L]` padding mask -> boolean attention mask `[B, 1, 1 or L, L]` (keys: real tokens)."""
+  attn = key_padding_mask(mask)
+  if causal:
+    attn = attn & causal_mask(mask.shape[1])
+  return attn
+
+
+def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
+  """`[B, L, D]` -> `[B, D]`.
+
+  `first`: position 0 (the CLS token); `eos`: the last real token, index `sum(mask) - 1` (clipped
+  to 0 for an empty row), as CLIP pools; `mean`: the mean over real tokens (0 for an empty row).
+  """
+  if pool == "first":
+    return tokens[:, 0]
+  if pool == "eos":
+    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
+    return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
+  if pool == "mean":
+    weights = (mask > 0).astype(jnp.float32)[..., None]
+    total = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1)
+    return (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(tokens.dtype)
+  raise ValueError(f"unknown text pool {pool!r}; choose one of {POOLS}")
+
+
+class TextTransformer(nn.Module):
+  """Pre-LN text encoder.
+
+  Attributes:
+    vocab_size: size of the token embedding table V.
+    width: token width D.
+    depth, num_heads, mlp_dim, dropout: transformer sizes; `dropout` also on attention weights.
+    max_len: number of learned positions; longer inputs raise ValueError.
+    causal: causal attention (plus the padding mask) instead of bidirectional.
+    pool: how `cls` is taken from the tokens: "first", "eos" or "mean" (see `pool_tokens`).
+    dtype: compute dtype (parameters stay float32).
+    remat: recompute block activations in the backward pass.
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  causal: bool = False
+  pool: str = "first"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown text pool {self.pool!r}; choose one of {POOLS}")
+    self.token_embed = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+    )
+    self.pos_embedding = self.param(
+      "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.width), PARAM_DTYPE
+    )
+    self.embed_dropout = nn.Dropout(self.dropout)
+    self.encoder = Encoder(
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dropout=self.dropout,
+      attention_dropout=self.dropout,
+      dtype=self.dtype,
+      remat=self.remat,
+    )
+
+  def embedding_table(self) -> jax.Array:
+    """The float32 token embedding table `[V, D]` (for an MLM decoder tied to it)."""
+    return self.token_embed.embedding
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
+    length = ids.shape[1]
+    if length > self.max_len:
+      raise ValueError(
+        f"text length {length} exceeds model.text.max_len={self.max_len}; "
+        "truncate the text or raise max_len"
+      )
+    x = self.token_embed(ids) + self.pos_embedding[:length].astype(self.dtype)
+    x = self.embed_dropout(x, deterministic=not train)
+    x = self.encoder(x, text_attention_mask(mask, self.causal), train)
+    return {"cls": pool_tokens(x, mask, self.pool), "tokens": x}
