@@ -153,3 +153,12 @@ def test_unknown_config_field_is_rejected_by_the_binary(tmp_path):
   assert result.returncode != 0
   assert "learning_rate" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_nan_guard_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(tmp_path):
+  trainer.train_and_evaluate(_tiny(total_steps=2, checkpoint_every=1), str(tmp_path))
+  config = _tiny(total_steps=4, checkpoint_every=1)
+  config.optim.lr = float("nan")  # resumed from step 2, the first update makes the params NaN
+  with pytest.raises(metrics.NonFiniteError, match="param_norm between step 3 and step 3"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
