@@ -39,7 +39,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps/s, samples/s and ETA over the interval since the previous call (compile time excluded)."""
+  """Steps/s, samples/s and ETA over the interval since the previous call."""
 
   def __init__(self, total_steps: int, global_batch_size: int, start_step: int):
     self.total_steps = total_steps
@@ -59,7 +59,7 @@ class Progress:
     }
 
   def reset_clock(self, step: int) -> None:
-    """Restarts the interval (after an evaluation or checkpoint that should not count as training)."""
+    """Restarts the interval after work that should not count as training (evaluation)."""
     self.last_step, self.last_time = step, time.perf_counter()
 
 

@@ -15,8 +15,9 @@ class TrainState:
     params: student parameters.
     opt_state: optax state.
     rng: `[2]` uint32 base key; step `s` uses `fold_in(rng, s)`.
-    extras: method-specific state that is not optimised by gradients (EMA teacher parameters, feature
-      queues and their pointer, codebooks, ...), a dict of pytrees; empty for CLIP and SigLIP.
+    extras: method-specific state that is not optimised by gradients (EMA teacher parameters,
+      feature queues and their pointer, codebooks, ...), a dict of pytrees; empty for CLIP and
+      SigLIP.
   """
 
   step: jax.Array

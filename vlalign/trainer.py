@@ -198,7 +198,7 @@ def build_evaluators(config, model, mesh, tokenizer) -> dict[str, Any]:
 
 
 def run_evaluators(evaluators: dict, params, step: int, final: bool) -> dict[str, float]:
-  """Runs the evaluators due at `step` (all of them when `final`); returns `eval/<name>/<metric>`."""
+  """Runs the evaluators due at `step` (all when `final`); returns `eval/<name>/<metric>`."""
   out = {}
   for name, ev in evaluators.items():
     due = final or (ev.every_steps > 0 and step % ev.every_steps == 0)
