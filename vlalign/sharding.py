@@ -2,8 +2,8 @@
 
 The parameter rule is shape-based (as big_vision's `fsdp` strategy), so it needs no annotations
 in the models and applies unchanged to optimizer states, EMA teachers and queues: each array of at
-least `min_size` elements is split along its largest dimension that the 'fsdp' axis divides; every other
-array is replicated.
+least `min_size` elements is split along its largest dimension that the 'fsdp' axis divides; every
+other array is replicated.
 """
 
 from typing import Any
