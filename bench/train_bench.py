@@ -9,11 +9,10 @@ step, not the input pipeline (see bench/data_bench.py for that).
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vlalign import sharding, trainer
+from vlalign import sharding, testing, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps.")
@@ -25,16 +24,7 @@ def main(argv):
   setup = trainer.build(config)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))
   compiled = trainer.lower_step(setup).compile()
-  rng = np.random.default_rng(0)
-  batch = {}
-  for key, spec in setup.spec.items():
-    if np.issubdtype(spec.dtype, np.floating):
-      value = rng.normal(size=spec.shape).astype(spec.dtype)
-    elif key == "text_mask":
-      value = np.ones(spec.shape, spec.dtype)
-    else:
-      value = rng.integers(0, 50, size=spec.shape).astype(spec.dtype)
-    batch[key] = jax.device_put(value, sharding.batch_sharding(setup.mesh))
+  batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 
 from configs import clip
-from vlalign import trainer
+from vlalign import testing, trainer
 
 
 def _teacher_config(momentum=0.9):
@@ -20,18 +20,7 @@ def _teacher_config(momentum=0.9):
 
 
 def _batch(setup, seed):
-  rng = np.random.default_rng(seed)
-  out = {}
-  for key, spec in setup.spec.items():
-    if key == "image":
-      out[key] = rng.normal(size=spec.shape).astype(np.float32)
-    elif key == "text_mask":
-      out[key] = np.ones(spec.shape, np.int32)
-    elif key == "image_id":
-      out[key] = np.arange(spec.shape[0], dtype=np.int32) + 100 * seed
-    else:
-      out[key] = rng.integers(5, 60, size=spec.shape).astype(np.int32)
-  return out
+  return testing.synthetic_batch(setup.spec, seed)
 
 
 def test_teacher_moves_by_the_ema_rule_and_queues_fill():

@@ -31,6 +31,14 @@ def _tiny(module=clip, **overrides):
   return config
 
 
+def _train_cmd(workdir, *flags):
+  """The training binary on the tiny CLIP config, as a user would launch it."""
+  return [
+    sys.executable, "-m", "vlalign.train", "--config=configs/clip.py:tiny", f"--workdir={workdir}",
+    *flags,
+  ]  # fmt: skip
+
+
 def _losses(workdir):
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -38,15 +46,11 @@ def _losses(workdir):
 
 def test_three_steps_through_the_real_entry_point(tmp_path):
   workdir = tmp_path / "run"
-  cmd = [
-    sys.executable,
-    "-m",
-    "vlalign.train",
-    "--config=configs/clip.py:tiny",
-    f"--workdir={workdir}",
+  cmd = _train_cmd(
+    workdir,
     "--config.total_steps=3",
     "--config.log_every=1",
-  ]
+  )
   result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   losses = _losses(str(workdir))
@@ -93,17 +97,13 @@ def test_crash_and_resume_continues_the_same_loss_sequence(tmp_path, monkeypatch
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
-  cmd = [
-    sys.executable,
-    "-m",
-    "vlalign.train",
-    "--config=configs/clip.py:tiny",
-    f"--workdir={workdir}",
+  cmd = _train_cmd(
+    workdir,
     "--config.total_steps=100000",
     "--config.log_every=1",
     "--config.checkpoint_every=100000",
     "--config.evals={}",
-  ]
+  )
   proc = subprocess.Popen(
     cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -141,14 +141,10 @@ def test_empty_split_is_a_clear_error(tmp_path):
 
 
 def test_unknown_config_field_is_rejected_by_the_binary(tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
-    "vlalign.train",
-    "--config=configs/clip.py:tiny",
-    f"--workdir={tmp_path}",
+  cmd = _train_cmd(
+    tmp_path,
     "--config.optim.learning_rate=1.0",
-  ]
+  )
   result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "learning_rate" in result.stderr

@@ -40,3 +40,20 @@ def run_sharded_and_single(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any
   single = jax.jit(fn)(*jax.device_put(args, jax.devices()[0]))
   sharded = jax.jit(fn)(*shard_leading(args, mesh))
   return jax.device_get(sharded), jax.device_get(single)
+
+
+def synthetic_batch(spec: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+  """Random host inputs matching `trainer.input_spec`: normal images, all-real text of word ids
+  (>= 5, past the special tokens), unique image ids."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, s in spec.items():
+    if np.issubdtype(s.dtype, np.floating):
+      batch[key] = rng.normal(size=s.shape).astype(s.dtype)
+    elif key == "text_mask":
+      batch[key] = np.ones(s.shape, s.dtype)
+    elif key == "image_id":
+      batch[key] = (np.arange(s.shape[0]) + 100 * seed).astype(s.dtype)
+    else:
+      batch[key] = rng.integers(5, 60, size=s.shape).astype(s.dtype)
+  return batch

@@ -289,13 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log_every = int(config.get("log_every", 50))
   ckpt_every = int(config.get("checkpoint_every", 1000))
 
+  batch_sharding = sharding.batch_sharding(mesh)
   try:
     with _Preemption() as preemption, jax.set_mesh(mesh):
       while step < total:
         local = next(data_iter)
         if step == start_step:
           check_batch(local, setup.spec)
-        batch = pipeline.to_global_batch(local, sharding.batch_sharding(mesh))
+        batch = pipeline.to_global_batch(local, batch_sharding)
         state, step_metrics = compiled_step(state, batch)
         step += 1
         preempted = preemption.requested or ckpt.manager.reached_preemption(step)
