@@ -1,6 +1,6 @@
 r"""Train-step throughput of a config on this machine (compile excluded).
 
-  python bench/train_bench.py --config=configs/clip.py:demo --steps=30
+  PYTHONPATH=. python bench/train_bench.py --config=configs/clip.py:demo --steps=30
 
 Uses the real sharded step on synthetic device-resident batches, so it measures the model and the
 step, not the input pipeline (see bench/data_bench.py for that).
