@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vlalign import testing
-from vlalign.data import pipeline, shapes, transforms
+from vlalign.data import augment, pipeline, shapes, transforms
 from vlalign.data.tokenizer import build_tokenizer
 
 SIZE, MAX_LEN = 32, 24
@@ -188,3 +188,146 @@ def test_read_threads_give_the_same_batches():
   for a, b in zip(serial, threaded):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------ augmentation and two views
+
+
+def _two_views(**overrides) -> ml_collections.ConfigDict:
+  return _config(augment=dict(name="tcl"), augment_views=2, **overrides)
+
+
+def _source_images(train_size: int = 64) -> np.ndarray:
+  source = shapes.ShapesSource("train", num_examples=train_size, image_size=SIZE, seed=1)
+  return np.stack([source[i]["image"] for i in range(train_size)])
+
+
+def _assert_same_batches(first: list[dict], second: list[dict]) -> None:
+  for a, b in zip(first, second, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_train_batch_keys():
+  assert pipeline.train_batch_keys(_config()) == transforms.TRAIN_KEYS
+  assert pipeline.train_batch_keys(_config(augment=dict(name="tcl"))) == transforms.TRAIN_KEYS
+  two = ("image", "image_aug", "text_ids", "text_mask", "image_id")
+  assert pipeline.train_batch_keys(_two_views()) == two
+  plain = {"image_size": SIZE, "augment": {"name": "albef"}, "augment_views": 2}
+  assert pipeline.train_batch_keys(plain) == two
+  assert transforms.TRAIN_KEYS == ("image", "text_ids", "text_mask", "image_id")
+
+
+def test_two_views_have_the_contract_shapes_and_differ():
+  batch = next(iter(_train(_two_views(), batch=8)))
+  assert batch.keys() == set(pipeline.train_batch_keys(_two_views()))
+  for key in ("image", "image_aug"):
+    assert batch[key].shape == (8, SIZE, SIZE, 3) and batch[key].dtype == np.float32
+    assert np.all(np.isfinite(batch[key]))
+  for row in range(8):
+    assert not np.array_equal(batch["image"][row], batch["image_aug"][row])
+  # View 1 is the draw the one-view pipeline makes; the second view does not disturb it.
+  one_view = next(iter(_train(_config(augment=dict(name="tcl")), batch=8)))
+  for key in one_view:
+    np.testing.assert_array_equal(batch[key], one_view[key])
+  # Sharded over 2 processes, each process gets both views of half the batch.
+  half = next(iter(_train(_two_views(), batch=8, process_index=1, process_count=2)))
+  assert half["image"].shape == half["image_aug"].shape == (4, SIZE, SIZE, 3)
+  assert all(i % 2 == 1 for i in half["image_id"].tolist())
+
+
+def test_both_views_are_independent_draws_on_the_raw_source_image():
+  raw = _source_images()
+  raw_bytes = {image.tobytes() for image in raw}
+  inputs_were_raw = []
+
+  def roll(image, rng):  # A random horizontal roll by 1..SIZE-1 pixels.
+    inputs_were_raw.append(image.tobytes() in raw_bytes)
+    return np.roll(image, int(rng.integers(1, SIZE)), axis=1)
+
+  config = _config(augment_views=2)
+  batch = next(iter(_train(config, batch=8, augment_fn=roll)))
+  assert len(inputs_were_raw) == 16 and all(inputs_were_raw)
+  shifts = {}
+  for key in ("image", "image_aug"):
+    for row, image_id in enumerate(batch["image_id"].tolist()):
+      matches = [
+        s
+        for s in range(1, SIZE)
+        if np.allclose(
+          batch[key][row], _reference_normalize(np.roll(raw[image_id], s, axis=1)), atol=1e-5
+        )
+      ]
+      assert matches, (key, row)
+      shifts.setdefault(key, []).append(matches[0])
+  assert shifts["image"] != shifts["image_aug"]
+
+
+def test_config_augment_is_applied_and_matches_the_built_function():
+  plain = next(iter(_train(_config(), seed=1)))
+  config = _config(augment=dict(name="crop_flip"))  # image_size inherited from data.image_size.
+  augmented = next(iter(_train(config, seed=1)))
+  np.testing.assert_array_equal(plain["image_id"], augmented["image_id"])
+  np.testing.assert_array_equal(plain["text_ids"], augmented["text_ids"])
+  assert augmented["image"].shape == plain["image"].shape
+  assert any(not np.allclose(a, b) for a, b in zip(plain["image"], augmented["image"]))
+  built = augment.build_augment({"name": "crop_flip", "image_size": SIZE})
+  explicit = next(iter(_train(_config(), seed=1, augment_fn=built)))
+  _assert_same_batches([augmented], [explicit])
+  # An explicit function overrides data.augment.
+  flipped = next(iter(_train(config, seed=1, augment_fn=lambda image, rng: image[:, ::-1])))
+  raw = _source_images()
+  for row, image_id in enumerate(flipped["image_id"].tolist()):
+    want = _reference_normalize(raw[image_id][:, ::-1])
+    np.testing.assert_allclose(flipped["image"][row], want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_views_are_deterministic_per_seed_and_new_each_epoch():
+  first = _take(iter(_train(_two_views(), seed=3)), 2)
+  _assert_same_batches(first, _take(iter(_train(_two_views(), seed=3)), 2))
+  _assert_same_batches(first, _take(iter(_train(_two_views(num_threads=2), seed=3)), 2))
+  other = _take(iter(_train(_two_views(), seed=4)), 2)
+  assert not np.array_equal(first[0]["image_aug"], other[0]["image_aug"])
+  # 16 examples, batch 8: batches 0-1 are epoch 1, 2-3 epoch 2; each view is redrawn.
+  epochs = _take(iter(_train(_two_views(train_size=16), seed=3)), 4)
+  views = [{}, {}]
+  for index, batch in enumerate(epochs):
+    for row, image_id in enumerate(batch["image_id"].tolist()):
+      views[index // 2][image_id] = (batch["image"][row], batch["image_aug"][row])
+  assert sorted(views[0]) == sorted(views[1]) == list(range(16))
+  for image_id in range(16):
+    for view in range(2):
+      assert not np.array_equal(views[0][image_id][view], views[1][image_id][view])
+
+
+def test_iterator_state_restores_the_following_two_view_batches():
+  iterator = iter(_train(_two_views(), seed=5))
+  _take(iterator, 2)
+  state = iterator.get_state()
+  expected = _take(iterator, 2)
+  fresh = iter(_train(_two_views(), seed=5))
+  fresh.set_state(state)
+  _assert_same_batches(_take(fresh, 2), expected)
+  assert all("image_aug" in batch for batch in expected)
+
+
+def test_augment_config_errors():
+  for views in (0, 3, True, "2"):
+    with pytest.raises(ValueError, match="augment_views=.* must be 1 or 2"):
+      pipeline.train_batch_keys(_config(augment=dict(name="tcl"), augment_views=views))
+  with pytest.raises(ValueError, match="augment_views=2 needs an augmentation"):
+    _train(_config(augment_views=2))
+  with pytest.raises(ValueError, match="augment_views=2 needs an augmentation"):
+    pipeline.train_batch_keys(_config(augment_views=2))
+  for name in ("none", "resize"):
+    with pytest.raises(ValueError, match=f"deterministic augmentation recipe '{name}'"):
+      _train(_config(augment=dict(name=name), augment_views=2))
+  with pytest.raises(ValueError, match="image_size=48 differs from data.image_size=32"):
+    _train(_config(augment=dict(name="tcl", image_size=48)))
+  with pytest.raises(ValueError, match="image_size=48 differs"):
+    pipeline.train_batch_keys(_config(augment=dict(name="tcl", image_size=48)))
+  with pytest.raises(ValueError, match="unknown augmentation recipe 'nope'"):
+    _train(_config(augment=dict(name="nope")))
+  with pytest.raises(ValueError, match=r"augment_fn must return uint8 \(32, 32, 3\)"):
+    next(iter(_train(augment_fn=lambda image, rng: image[: SIZE // 2])))

@@ -3,13 +3,22 @@
 `data_config` (`config.data`, an `ml_collections.ConfigDict` or a dict) fields: `name` ("shapes"),
 `image_size`, `max_len`, `tokenizer`, `train_size` / `val_size` / `test_size` (None = the dataset's
 default), `seed` (which images the dataset holds), `num_threads` (Grain read threads, default 0) and
-optionally `prefetch_buffer_size` (default 0 without threads, 4 batches with).
+optionally `prefetch_buffer_size` (default 0 without threads, 4 batches with). Train-only fields:
+
+- `augment`: None / absent (train images unchanged) or a dict for `augment.build_augment`, e.g.
+  `dict(name="tcl")`; its `image_size` defaults to `image_size` and must equal it.
+- `augment_views`: 1 (default) or 2. With 2, every train example also holds `image_aug`, a second
+  draw of the same recipe on the same source image from an independent random stream (TCL's
+  momentum-teacher view), normalised like `image`. It needs a random `augment` recipe (not
+  "none" / "resize"), since the two views would otherwise be the same image. `image` is the same
+  draw with 1 or 2 views. `train_batch_keys` gives the batch keys.
 
 Train order: source -> this process's shard `[process_index::process_count]` -> shuffle -> repeat
-forever -> random maps -> batch. Grain's `MapDataset.shuffle` uses the seed `seed + epoch` for each
-epoch of the repeated index space and random maps are seeded by the element's position in the
-repeated dataset, so every epoch has a new order and new random choices, all reproducible from
-`seed`. The iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()` and
+forever -> random maps (caption, then view 2, then view 1) -> tokenise -> batch -> normalise.
+Grain's `MapDataset.shuffle` uses the seed `seed + epoch` for each epoch of the repeated index
+space and every random map has its own seed and is keyed by the element's position in the repeated
+dataset, so every epoch has a new order and new random choices, all reproducible from `seed`. The
+iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()` and
 `grain.checkpoint.CheckpointSave` work on it.
 """
 
@@ -19,8 +28,11 @@ import grain
 import jax
 import numpy as np
 
-from vlalign.data import shapes
+from vlalign.data import augment, shapes
 from vlalign.data import transforms as T
+
+# Recipes without randomness: two views of one of them would be the same image.
+_DETERMINISTIC_RECIPES = ("none", "resize")
 
 
 def _field(data_config: Any, name: str, default: Any = None) -> Any:
@@ -45,6 +57,81 @@ def _stream_seed(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
 
 
+def _size_hw(size: Any) -> tuple[int, int]:
+  if isinstance(size, int | np.integer):
+    return int(size), int(size)
+  height, width = size
+  return int(height), int(width)
+
+
+def _augment_config(data_config: Any) -> dict | None:
+  """`data_config.augment` as a validated dict with `image_size` filled in, or None."""
+  aug_config = _field(data_config, "augment")
+  if aug_config is None:
+    return None
+  fields = dict(aug_config.to_dict() if hasattr(aug_config, "to_dict") else aug_config)
+  image_size = int(data_config["image_size"])
+  if fields.get("image_size") is None:
+    fields["image_size"] = image_size
+  augment.augment_config_from(fields)  # Unknown recipe or field -> ValueError.
+  if _size_hw(fields["image_size"]) != (image_size, image_size):
+    raise ValueError(
+      f"data.augment.image_size={fields['image_size']} differs from data.image_size={image_size}; "
+      "the augmented image must have the size the model is built for (leave it out to inherit it)"
+    )
+  return fields
+
+
+def _num_views(data_config: Any, augment_name: str | None) -> int:
+  """`data_config.augment_views` checked against the augmentation (`augment_name`, None = none)."""
+  views = _field(data_config, "augment_views", 1)
+  views = 1 if views is None else views
+  if isinstance(views, bool) or views not in (1, 2):
+    raise ValueError(f"data.augment_views={views!r} must be 1 or 2")
+  if views == 2 and augment_name is None:
+    raise ValueError(
+      "data.augment_views=2 needs an augmentation (data.augment, e.g. dict(name='tcl')): "
+      "without one the two views would be the same image"
+    )
+  if views == 2 and augment_name in _DETERMINISTIC_RECIPES:
+    raise ValueError(
+      f"data.augment_views=2 with the deterministic augmentation recipe {augment_name!r} gives "
+      "two identical views; use a random recipe (crop_flip, albef, tcl)"
+    )
+  return int(views)
+
+
+def _keys_for_views(num_views: int) -> tuple[str, ...]:
+  if num_views == 1:
+    return T.TRAIN_KEYS
+  return (T.TRAIN_KEYS[0], T.SECOND_VIEW_KEY, *T.TRAIN_KEYS[1:])
+
+
+def train_batch_keys(data_config: Any) -> tuple[str, ...]:
+  """Keys of a train batch for `data_config`, in order.
+
+  `("image", "text_ids", "text_mask", "image_id")` with one view and
+  `("image", "image_aug", "text_ids", "text_mask", "image_id")` with `augment_views = 2`. Raises
+  ValueError for an invalid `augment` / `augment_views` (see the module docstring).
+  """
+  aug_config = _augment_config(data_config)
+  return _keys_for_views(
+    _num_views(data_config, None if aug_config is None else aug_config["name"])
+  )
+
+
+def _resolve_augment(
+  data_config: Any, augment_fn: T.AugmentFn | None
+) -> tuple[T.AugmentFn | None, str | None]:
+  """(augment function, its recipe name); an explicit `augment_fn` wins over `data.augment`."""
+  if augment_fn is not None:
+    return augment_fn, "a custom augment_fn"
+  aug_config = _augment_config(data_config)
+  if aug_config is None:
+    return None, None
+  return augment.build_augment(aug_config), aug_config["name"]
+
+
 def make_train_dataset(
   data_config: Any,
   tokenizer: Any,
@@ -57,8 +144,10 @@ def make_train_dataset(
 ) -> grain.IterDataset:
   """Infinite per-process train batches; `iter(...)` gives a checkpointable Grain iterator.
 
-  Each batch: `image` float32 `[b, H, W, 3]` (normalised), `text_ids` int32 `[b, L]`, `text_mask`
-  int32 `[b, L]`, `image_id` int32 `[b]`, with `b = global_batch_size // process_count`.
+  Each batch: `image` float32 `[b, H, W, 3]` (normalised), with `augment_views = 2` also
+  `image_aug` float32 `[b, H, W, 3]` (the second view), `text_ids` int32 `[b, L]`, `text_mask`
+  int32 `[b, L]`, `image_id` int32 `[b]`, with `b = global_batch_size // process_count`; keys in
+  the order of `train_batch_keys`.
 
   Args:
     data_config: see the module docstring.
@@ -68,8 +157,11 @@ def make_train_dataset(
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
     augment_fn: optional `(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`, applied before
-      normalisation.
+      normalisation (to both views with `augment_views = 2`). None builds it from
+      `data_config.augment` (no augmentation when that is absent); a function overrides it.
   """
+  augment_fn, augment_name = _resolve_augment(data_config, augment_fn)
+  num_views = _num_views(data_config, augment_name)
   process_index = jax.process_index() if process_index is None else int(process_index)
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
@@ -93,12 +185,16 @@ def make_train_dataset(
     )
   ds = ds.shuffle(seed=_stream_seed(seed, 0)).repeat()
   ds = ds.random_map(T.PickCaption(), seed=_stream_seed(seed, 1))
+  if num_views == 2:  # Reads the raw `image`, so before view 1 replaces it.
+    second_view = T.AugmentImage(augment_fn, output_key=T.SECOND_VIEW_KEY)
+    ds = ds.random_map(second_view, seed=_stream_seed(seed, 3))
   if augment_fn is not None:
     ds = ds.random_map(T.AugmentImage(augment_fn), seed=_stream_seed(seed, 2))
   ds = ds.map(T.TokenizeCaption(tokenizer, int(data_config["max_len"])))
-  ds = ds.map(T.ToTrainFeatures())
+  keys = _keys_for_views(num_views)
+  ds = ds.map(T.ToTrainFeatures(keys))
   ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.map(T.NormalizeImage())
+  ds = ds.map(T.NormalizeImage(keys[:num_views]))
   num_threads = int(_field(data_config, "num_threads", 0))
   prefetch = _field(data_config, "prefetch_buffer_size", None)
   prefetch = (0 if num_threads == 0 else 4) if prefetch is None else int(prefetch)

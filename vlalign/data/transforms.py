@@ -1,12 +1,17 @@
 """Grain transforms from a raw example (`vlalign.data.shapes`) to the batch contract.
 
 Train chain (see `vlalign.data.pipeline.make_train_dataset`): `PickCaption` (random) ->
-`AugmentImage` (random, optional) -> `TokenizeCaption` -> `ToTrainFeatures` -> batch ->
-`NormalizeImage`. Normalising after batching runs one vectorised op per batch instead of one per
-image; `normalize_image` accepts any leading shape.
+[`AugmentImage(output_key="image_aug")` (random, only with `data.augment_views = 2`)] ->
+`AugmentImage` (random, only with an augmentation) -> `TokenizeCaption` -> `ToTrainFeatures` ->
+batch -> `NormalizeImage`.
+
+Both views are drawn from the same raw source image in `image`, each with its own seeded Grain
+random stream; the second view is written first because view 1 then replaces the raw `image`.
+Normalising after batching runs one vectorised op per batch instead of one per image;
+`normalize_image` accepts any leading shape.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -18,8 +23,10 @@ IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 _SCALE = np.float32(1.0 / 255.0) / IMAGE_STD
 _OFFSET = IMAGE_MEAN / IMAGE_STD
 
-# Keys of a train example after `ToTrainFeatures` (and of a batch).
+# Keys of a one-view train example after `ToTrainFeatures` (and of a batch).
 TRAIN_KEYS = ("image", "text_ids", "text_mask", "image_id")
+# The second augmented view (TCL's teacher view); with two views it follows `image` in the keys.
+SECOND_VIEW_KEY = "image_aug"
 
 AugmentFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -44,18 +51,25 @@ class PickCaption(grain.transforms.RandomMap):
 
 
 class AugmentImage(grain.transforms.RandomMap):
-  """Replaces `image` by `augment_fn(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`."""
+  """Sets `output_key` to `augment_fn(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`.
 
-  def __init__(self, augment_fn: AugmentFn):
+  Reads the example's `image` (the raw source image while no earlier map replaced it) and checks
+  that the output keeps its shape and dtype.
+  """
+
+  def __init__(self, augment_fn: AugmentFn, output_key: str = "image"):
     self.augment_fn = augment_fn
+    self.output_key = output_key
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = self.augment_fn(element["image"], rng)
-    if image.dtype != np.uint8 or image.shape != element["image"].shape:
+    source = element["image"]
+    image = self.augment_fn(source, rng)
+    if image.dtype != np.uint8 or image.shape != source.shape:
       raise ValueError(
-        f"augment_fn must return uint8 {element['image'].shape}, got {image.dtype} {image.shape}"
+        f"augment_fn must return uint8 {source.shape} (the data image size), got "
+        f"{image.dtype} {image.shape}"
       )
-    return {**element, "image": image}
+    return {**element, self.output_key: image}
 
 
 class TokenizeCaption(grain.transforms.Map):
@@ -71,19 +85,23 @@ class TokenizeCaption(grain.transforms.Map):
 
 
 class ToTrainFeatures(grain.transforms.Map):
-  """Keeps `TRAIN_KEYS` only (no strings reach the batcher); `image_id` as int32."""
+  """Keeps `keys` only, in that order (no strings reach the batcher); `image_id` as int32."""
+
+  def __init__(self, keys: Sequence[str] = TRAIN_KEYS):
+    self.keys = tuple(keys)
 
   def map(self, element: dict) -> dict:
-    return {
-      "image": element["image"],
-      "text_ids": element["text_ids"],
-      "text_mask": element["text_mask"],
-      "image_id": np.int32(element["image_id"]),
-    }
+    features = {key: element[key] for key in self.keys}
+    if "image_id" in features:
+      features["image_id"] = np.int32(features["image_id"])
+    return features
 
 
 class NormalizeImage(grain.transforms.Map):
-  """`image` uint8 -> float32 with `normalize_image` (an example or a batch)."""
+  """Each of `keys` uint8 -> float32 with `normalize_image` (an example or a batch)."""
+
+  def __init__(self, keys: Sequence[str] = ("image",)):
+    self.keys = tuple(keys)
 
   def map(self, element: dict) -> dict:
-    return {**element, "image": normalize_image(element["image"])}
+    return {**element, **{key: normalize_image(element[key]) for key in self.keys}}
