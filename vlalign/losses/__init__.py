@@ -72,5 +72,6 @@ def _import_all() -> None:
     contrastive,  # noqa: F401
     intra,
     local_mi,
+    matching,
     momentum,
   )

@@ -1,7 +1,8 @@
-"""ALBEF/TCL fusion-encoder helpers: ITM hard-negative sampling and loss, MLM masking and loss.
+"""ALBEF/TCL fusion-encoder losses: ITM hard-negative sampling and loss, MLM masking and loss.
 
-Pure functions the train step calls around the fusion encoder; nothing here is a registered loss
-because ITM and MLM need extra fusion-encoder forwards that only the step can run.
+The registered losses `itm` and `mlm` read what the fusion passes of `ALBEFModel` put in the
+outputs (`itm/logits` `[3B, 2]`, `mlm/logits` `[B, L, V]`); the train step masks the text
+(`mask_tokens`) and hands the model the teacher embeddings the hard negatives are sampled from.
 
 Reference: uta-smile/TCL `models/model_pretrain.py` (`ALBEF.forward`, `ALBEF.mask`),
 `models/model_retrieval.py` (`ALBEF.forward`: image-id mask), `models/xbert.py`
@@ -40,9 +41,13 @@ Decisions where the reference is silent or differs:
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from vlalign.losses import Metrics, register
+from vlalign.losses.momentum import require_teacher
 
 IGNORE_LABEL = -100
 MASK_PROB_REPLACE = 0.8
@@ -175,3 +180,57 @@ def mlm_loss(
   distill_per_token = -jnp.sum(soft_labels * log_probs, axis=-1)
   distill = jnp.sum(jnp.where(is_masked, distill_per_token, 0.0)) / count
   return (1.0 - alpha) * hard + alpha * distill
+
+
+def _require_output(outputs: dict[str, jax.Array], key: str, loss: str, hint: str) -> jax.Array:
+  if key not in outputs:
+    raise ValueError(f"loss {loss!r} needs model output {key!r}: {hint}")
+  return outputs[key]
+
+
+@register("itm")
+def itm(
+  outputs: dict[str, jax.Array], teacher: dict[str, Any] | None, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, Metrics]:
+  """Image-text matching on positives + hard negatives: `itm_loss(outputs["itm/logits"])`.
+
+  Returns:
+    `(loss, {"accuracy"})`, accuracy over the 3B pairs.
+  """
+  del teacher, batch
+  logits = _require_output(
+    outputs, "itm/logits", "itm", "use model.name='albef' with a config.teacher (the hard "
+    "negatives are sampled against the teacher's embeddings)"
+  )  # fmt: skip
+  labels = itm_labels(logits.shape[0] // 3)
+  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+  return itm_loss(logits, labels), {"accuracy": accuracy}
+
+
+@register("mlm")
+def mlm(
+  outputs: dict[str, jax.Array],
+  teacher: dict[str, Any] | None,
+  batch: dict[str, jax.Array],
+  distill: bool = True,
+) -> tuple[jax.Array, Metrics]:
+  """Masked language modelling conditioned on the image, momentum-distilled when `distill`.
+
+  Reads `outputs["mlm/logits"]` `[B, L, V]`, `batch["mlm_labels"]` `[B, L]` and, with `distill`,
+  `teacher["mlm/logits"]` and `teacher["alpha"]`.
+
+  Returns:
+    `(mlm_loss(...), {"accuracy"})`, accuracy of the student's argmax on the masked tokens.
+  """
+  logits = _require_output(
+    outputs, "mlm/logits", "mlm", "use model.name='albef' with a config.mlm (masking settings)"
+  )
+  labels = batch["mlm_labels"]
+  teacher_logits, alpha = None, 0.0
+  if distill:
+    require_teacher(teacher, ("mlm/logits", "alpha"), "mlm(distill=True)")
+    teacher_logits, alpha = teacher["mlm/logits"], teacher["alpha"]
+  is_masked = labels != IGNORE_LABEL
+  hits = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & is_masked)
+  accuracy = hits / jnp.maximum(jnp.sum(is_masked), 1)
+  return mlm_loss(logits, labels, teacher_logits, alpha), {"accuracy": accuracy}

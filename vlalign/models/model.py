@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.losses import matching
+from vlalign.losses.momentum import clamped_temperature
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Projection, l2_normalize
 from vlalign.models.text import TextTransformer
@@ -106,10 +108,11 @@ class ALBEFModel(TwoTower):
   and `txt/tokens_emb` `[B, L, E]` (L2-normalised projections of the patch / text tokens with the
   global projections: TCL's local features).
 
-  Initialisation: `__call__` runs `fuse`, `itm_logits` and `mlm_logits` on the batch only while
-  `self.is_initializing()`, so `model.init(rngs, batch)` creates every parameter of every method
-  while a normal forward pass costs nothing extra. The fusion passes themselves (positive pairs,
-  hard negatives, masked text) are run by the train step through `model.apply(..., method=...)`.
+  The fusion passes run when the batch asks for them (the train step adds the keys): ITM on
+  positives and hard negatives when it holds the teacher's embeddings `teacher/txt/emb` and
+  `teacher/img/emb` (`itm/logits` `[3B, 2]`), MLM when it holds masked ids `mlm_ids`
+  (`mlm/logits` `[B, L, V]`). Evaluation batches hold neither and pay nothing extra.
+  `model.init(rngs, batch)` creates every parameter whatever the batch holds.
   """
 
   default_proj_bias = True
@@ -164,13 +167,51 @@ class ALBEFModel(TwoTower):
     embedding = self.text_encoder.embedding_table() if tied else None
     return self.mlm_head(fused, embedding)
 
+  def itm_pairs(self, out: Outputs, batch: Batch, train: bool = False) -> Outputs:
+    """ITM logits of the B positive pairs and 2B sampled hard negatives (ALBEF `forward`).
+
+    Negatives are drawn with `matching.sample_hard_negatives` from the softmax of the student's
+    embeddings against the teacher's (`batch["teacher/img/emb"]`, `batch["teacher/txt/emb"]`
+    `[B, E]`) over the clamped temperature, with the `"sample"` rng; pairs with the same
+    `image_id` are never negatives.
+
+    Returns:
+      `itm/logits` `[3B, 2]`: pairs (t_b, v_b), then (t_b, v_{neg_image[b]}), then
+      (t_{neg_text[b]}, v_b), the order of `matching.itm_labels`.
+    """
+    tau = clamped_temperature(out["logit_scale"])
+    sim_i2t = out["img/emb"] @ batch["teacher/txt/emb"].T / tau
+    sim_t2i = out["txt/emb"] @ batch["teacher/img/emb"].T / tau
+    neg_text, neg_image = matching.sample_hard_negatives(
+      sim_i2t, sim_t2i, batch["image_id"], self.make_rng("sample")
+    )
+    text, mask, image = out["txt/tokens"], batch["text_mask"], out["img/all_tokens"]
+    fused = self.fuse(
+      jnp.concatenate([text, text, text[neg_text]]),
+      jnp.concatenate([mask, mask, mask[neg_text]]),
+      jnp.concatenate([image, image[neg_image], image]),
+      train,
+    )
+    return {"itm/logits": self.itm_logits(fused)}
+
+  def masked_lm(self, mlm_ids: jax.Array, out: Outputs, batch: Batch, train: bool = False):
+    """MLM logits `[B, L, V]` of the masked ids `[B, L]`, fused with this model's image tokens."""
+    text = self.text_encoder(mlm_ids, batch["text_mask"], train)["tokens"]
+    return self.mlm_logits(self.fuse(text, batch["text_mask"], out["img/all_tokens"], train))
+
   def __call__(self, batch: Batch, train: bool = False) -> Outputs:
-    """`TwoTower.__call__`'s dict + `img/all_tokens`, `img/tokens_emb`, `txt/tokens_emb`."""
+    """`TwoTower.__call__`'s dict + `img/all_tokens`, `img/tokens_emb`, `txt/tokens_emb`; with
+    `batch["teacher/txt/emb"]` also `itm/logits` (`itm_pairs`), with `batch["mlm_ids"]` also
+    `mlm/logits` (`masked_lm`)."""
     out = super().__call__(batch, train)
     if self.is_initializing():
       fused = self.fuse(out["txt/tokens"], batch["text_mask"], out["img/all_tokens"], train)
       self.itm_logits(fused)
       self.mlm_logits(fused)
+    if "teacher/txt/emb" in batch:
+      out.update(self.itm_pairs(out, batch, train))
+    if "mlm_ids" in batch:
+      out["mlm/logits"] = self.masked_lm(batch["mlm_ids"], out, batch, train)
     return out
 
 
