@@ -36,6 +36,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
     if int(config.get(field, 1)) <= 0:
       raise ValueError(f"config.{field}={config.get(field)} must be > 0")
+  teacher = config.get("teacher")
+  if teacher is not None:
+    queue_size, batch_size = int(teacher.queue_size), int(config.batch_size)
+    if queue_size <= 0 or queue_size % batch_size:
+      raise ValueError(
+        f"config.teacher.queue_size={queue_size} must be a positive multiple of the global batch "
+        f"size {batch_size} (each step writes one global batch of teacher features)"
+      )
+    if not 0.0 <= float(teacher.momentum) <= 1.0:
+      raise ValueError(f"config.teacher.momentum={teacher.momentum} must be in [0, 1]")
+    image_key = teacher.get("image_key", "image")
+    if image_key not in pipeline.train_batch_keys(config.data):
+      raise ValueError(
+        f"config.teacher.image_key={image_key!r} is not a key of the train batch "
+        f"{pipeline.train_batch_keys(config.data)}; the second view 'image_aug' needs "
+        "config.data.augment_views=2"
+      )
+  if config.get("mlm") is not None and config.model.get("name") != "albef":
+    raise ValueError("config.mlm needs a model with an MLM head: set config.model.name='albef'")
+
+
+def resolve_mlm(config: ml_collections.ConfigDict, tokenizer: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` whose `mlm` has the tokenizer's `mask_id` and `special_ids` ([CLS],
+  [PAD]: the ids ALBEF never masks); ids a config sets must agree with the tokenizer."""
+  if config.get("mlm") is None:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  want = {"mask_id": tokenizer.mask_id, "special_ids": (tokenizer.cls_id, tokenizer.pad_id)}
+  for key, value in want.items():
+    given = config.mlm.get(key)
+    if given is not None and (given if key == "mask_id" else tuple(given)) != value:
+      raise ValueError(f"config.mlm.{key}={given} disagrees with the tokenizer's {value}")
+    config.mlm[key] = value
+  return config
 
 
 def input_spec(
@@ -43,12 +77,15 @@ def input_spec(
 ) -> dict[str, jax.ShapeDtypeStruct]:
   """Global shapes and dtypes of a batch of the input pipeline (see docs/architecture.md)."""
   size, length = int(config.data.image_size), int(config.data.max_len)
-  return {
-    "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
+  image = jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32)
+  specs = {
+    "image": image,
+    "image_aug": image,
     "text_ids": jax.ShapeDtypeStruct((batch_size, length), np.int32),
     "text_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
     "image_id": jax.ShapeDtypeStruct((batch_size,), np.int32),
   }
+  return {key: specs[key] for key in pipeline.train_batch_keys(config.data)}
 
 
 def check_batch(local: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
@@ -74,6 +111,7 @@ def make_init_fn(model, tx, spec: dict[str, Any], config=None) -> Callable[[jax.
 class Setup(NamedTuple):
   """What a run is built from: everything but data and state values."""
 
+  config: Any  # the config the step was built from (`resolve_mlm` applied)
   mesh: Any
   tokenizer: Any
   model: Any
@@ -97,6 +135,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size="
       f"{config.model.text.vocab_size}; raise model.text.vocab_size"
     )
+  config = resolve_mlm(config, tokenizer)
   model = build_model(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   spec = input_spec(config, config.batch_size)
@@ -111,6 +150,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     donate_argnums=(0,),
   )
   return Setup(
+    config=config,
     mesh=mesh,
     tokenizer=tokenizer,
     model=model,
@@ -152,19 +192,48 @@ def log_memory_analysis(compiled: Any) -> dict[str, float]:
 
 
 class EncodeFns:
-  """Jitted, mesh-aware encoders for evaluators: host numpy in, host numpy `[B, E]` out."""
+  """Jitted, mesh-aware model functions for evaluators: host numpy in, host numpy out.
+
+  `image` / `text` give `[B, E]` embeddings. Models with an ITM head (`fuse`, `itm_logits`) also
+  get `image_tokens` / `text_tokens` (embeddings plus the tokens the fusion encoder reads) and
+  `itm_score` (the "match" logit of each pair), for the `retrieval_itm` evaluator.
+  """
 
   def __init__(self, model, mesh):
     cls = type(model)
     rep = sharding.replicated(mesh)
     self._mesh = mesh
-    self._image = jax.jit(
-      lambda p, x: model.apply(p, x, method=cls.encode_image)["img/emb"], out_shardings=rep
-    )
+    self.has_itm = hasattr(cls, "itm_logits")
+
+    def image_outputs(p, images):
+      return model.apply(p, images, method=cls.encode_image)
+
+    def text_outputs(p, ids, mask):
+      return model.apply(p, ids, mask, method=cls.encode_text)
+
+    self._image = jax.jit(lambda p, x: image_outputs(p, x)["img/emb"], out_shardings=rep)
     self._text = jax.jit(
-      lambda p, ids, mask: model.apply(p, ids, mask, method=cls.encode_text)["txt/emb"],
-      out_shardings=rep,
+      lambda p, ids, mask: text_outputs(p, ids, mask)["txt/emb"], out_shardings=rep
     )
+    if self.has_itm:
+
+      def with_image_tokens(p, images):
+        out = image_outputs(p, images)
+        return out["img/emb"], out["img/all_tokens"]
+
+      def with_text_tokens(p, ids, mask):
+        out = text_outputs(p, ids, mask)
+        return out["txt/emb"], out["txt/tokens"]
+
+      def itm_score(p, image_tokens, text_tokens, text_mask):
+        def score(module):
+          return module.itm_logits(module.fuse(text_tokens, text_mask, image_tokens))[:, 1]
+
+        return model.apply(p, method=score)
+
+      self._image_tokens = jax.jit(with_image_tokens, out_shardings=rep)
+      self._text_tokens = jax.jit(with_text_tokens, out_shardings=rep)
+      self._itm_score = jax.jit(itm_score, out_shardings=rep)
 
   def _put(self, x: np.ndarray) -> jax.Array:
     n = sharding.num_batch_shards(self._mesh)
@@ -179,6 +248,19 @@ class EncodeFns:
   def text(self, params, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(self._text(params, self._put(ids), self._put(mask)))
 
+  def image_tokens(self, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(emb [B, E], tokens [B, 1+N, Di])`."""
+    return jax.device_get(self._image_tokens(params, self._put(images)))
+
+  def text_tokens(self, params, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(emb [B, E], tokens [B, L, Dt])`."""
+    return jax.device_get(self._text_tokens(params, self._put(ids), self._put(mask)))
+
+  def itm_score(self, params, image_tokens, text_tokens, text_mask) -> np.ndarray:
+    """`[n]` ITM "match" logits of the pairs (image_tokens[i], text_tokens[i])."""
+    args = (self._put(image_tokens), self._put(text_tokens), self._put(text_mask))
+    return np.asarray(self._itm_score(params, *args))
+
 
 def build_evaluators(config, model, mesh, tokenizer) -> dict[str, Any]:
   if not config.get("evals"):
@@ -191,6 +273,9 @@ def build_evaluators(config, model, mesh, tokenizer) -> dict[str, Any]:
     config.evals,
     encode_image_fn=encode.image,
     encode_text_fn=encode.text,
+    encode_image_tokens_fn=encode.image_tokens if encode.has_itm else None,
+    encode_text_tokens_fn=encode.text_tokens if encode.has_itm else None,
+    itm_score_fn=encode.itm_score if encode.has_itm else None,
     tokenizer=tokenizer,
     data_config=config.data,
     default_batch_size=batch_size,

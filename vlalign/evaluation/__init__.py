@@ -52,6 +52,10 @@ class EvalContext:
   tokenizer: Any
   data_config: Any
   default_batch_size: int
+  # Models with an ITM head (see `rerank.CONTEXT_FIELDS`); None for two-tower models.
+  encode_image_tokens_fn: Callable[..., Any] | None = None
+  encode_text_tokens_fn: Callable[..., Any] | None = None
+  itm_score_fn: Callable[..., Any] | None = None
 
 
 def _check_keys(name: str, settings: dict, required: set[str], optional: set[str]) -> None:
@@ -119,6 +123,9 @@ def build_evaluators(
   tokenizer: Any,
   data_config: Any,
   default_batch_size: int,
+  encode_image_tokens_fn: Callable[..., Any] | None = None,
+  encode_text_tokens_fn: Callable[..., Any] | None = None,
+  itm_score_fn: Callable[..., Any] | None = None,
 ) -> dict[str, Evaluator]:
   """Builds one evaluator per entry of `evals_config` (a ConfigDict or dict), in its order.
 
@@ -129,11 +136,22 @@ def build_evaluators(
     tokenizer: has `encode_batch(texts, max_len) -> (ids, mask)`.
     data_config: `config.data`, passed to `vlalign.data.pipeline`.
     default_batch_size: encode batch of evaluators that set no `batch_size`.
+    encode_image_tokens_fn, encode_text_tokens_fn, itm_score_fn: the model functions of the
+      `retrieval_itm` evaluator (see `rerank.RerankRetrievalEvaluator`); None without an ITM head.
 
   Returns:
     `{name: evaluator}`.
   """
-  ctx = EvalContext(encode_image_fn, encode_text_fn, tokenizer, data_config, default_batch_size)
+  ctx = EvalContext(
+    encode_image_fn,
+    encode_text_fn,
+    tokenizer,
+    data_config,
+    default_batch_size,
+    encode_image_tokens_fn,
+    encode_text_tokens_fn,
+    itm_score_fn,
+  )
   evaluators = {}
   for name, settings in _as_dict(evals_config).items():
     settings = _as_dict(settings)
