@@ -4,6 +4,8 @@ r"""Prints docs/results.md rows from finished workdirs.
 
 Reads each workdir's final_metrics.json (test-split retrieval, zero-shot accuracies); the wall-clock
 time of each run, measured with `time`, is passed as NAME=TIME pairs, e.g. --wall clip_demo=8m31s.
+Runs with a `retrieval_itm_test` evaluator (ALBEF, TCL) also get a second table: R@1/5/10 both ways
+ranked by ITC alone and after ITM re-ranking of the top-k.
 """
 
 import argparse
@@ -22,6 +24,18 @@ def row(workdir: str, wall: dict[str, str]) -> str:
   return f"| {name} | {final['step']} | " + " | ".join(cells) + f" | {wall.get(name, '?')} |"
 
 
+def itm_row(workdir: str) -> str | None:
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    final = json.load(f)
+  prefix = "eval/retrieval_itm_test/"
+  if f"{prefix}i2t_r1" not in final:
+    return None
+  name = os.path.basename(os.path.normpath(workdir))
+  cells = [f"{final[f'{prefix}itc_{c}']:.1f}" for c in COLUMNS]
+  cells += [f"{final[f'{prefix}{c}']:.1f}" for c in COLUMNS]
+  return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("workdirs", nargs="+")
@@ -33,6 +47,12 @@ def main():
   print("|" + "---|" * len(header))
   for workdir in args.workdirs:
     print(row(workdir, wall))
+  itm_rows = [r for r in map(itm_row, args.workdirs) if r is not None]
+  if itm_rows:
+    header = ["run", *[f"ITC {c}" for c in COLUMNS], *[f"ITM {c}" for c in COLUMNS]]
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    print("\n".join(itm_rows))
 
 
 if __name__ == "__main__":

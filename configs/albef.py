@@ -1,0 +1,127 @@
+"""ALBEF: ITC with momentum distillation against feature queues, ITM on hard negatives, MLM.
+
+Li et al., "Align before Fuse: Vision and Language Representation Learning with Momentum
+Distillation", NeurIPS 2021 (salesforce/ALBEF `configs/Pretrain.yaml`, `Pretrain.py`).
+`--config=configs/albef.py:tiny|demo|full`. `configs/tcl.py` builds on `albef_config`.
+
+Loss: `cma` (ALBEF's `loss_ita`: i2t + t2i with soft targets against [teacher | queue]) + `itm` +
+`mlm`, each with weight 1, as `loss_mlm + loss_ita + loss_itm` in `Pretrain.py`.
+"""
+
+import math
+
+import ml_collections
+
+from configs import common
+
+# The published 4M pre-training set (COCO, VG, SBU, CC3M): 5.1M image-text pairs.
+PAIRS_4M = 5_100_000
+
+# Augmentation for the embedded dataset: the published recipe's ops at strengths that keep the
+# captions true (captions name colours and left/right relations: no hue shift, no grayscale, no
+# flip; crops keep most of the image; blur and translation scaled to 64 px).
+DEMO_AUGMENT = dict(
+  crop_scale=(0.5, 1.0),
+  flip_prob=0.0,
+  jitter_hue=0.0,
+  grayscale_prob=0.0,
+  blur_sigma=(0.1, 0.5),
+  randaug_translate_const=2.5,
+)
+
+
+def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
+  """Model, teacher, MLM, data and recipe shared by ALBEF and TCL; losses are ALBEF's."""
+  c = common.base_config(variant)
+  c.name = f"{method}_{variant}"
+  c.model = dict(
+    name="albef",
+    embed_dim=256,
+    dtype="float32",
+    logit_scale_init=math.log(1 / 0.07),  # temp 0.07, clamped to [0.001, 0.5] in the losses
+    logit_bias_init=None,
+    proj_hidden=None,
+    proj_bias=True,
+    tie_mlm=True,
+    remat=False,
+  )
+  c.teacher = dict(
+    momentum=0.995,
+    queue_size=65_536,
+    alpha=0.4,
+    alpha_warmup_steps=1,  # set per variant: one epoch of steps
+    image_key="image",
+    dropout=True,
+  )
+  c.mlm = dict(prob=0.15)  # mask_id / special_ids ([CLS], [PAD]) come from the tokenizer
+  c.losses = dict(
+    cma=dict(weight=1.0),
+    itm=dict(weight=1.0),
+    mlm=dict(weight=1.0),
+  )
+  # ALBEF: AdamW (torch defaults), wd 0.02, no gradient clipping, cosine to min_lr 1e-5.
+  c.optim = dict(
+    lr=1e-4,
+    warmup_steps=2_000,
+    weight_decay=0.02,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    grad_clip=0.0,
+    min_lr_ratio=0.1,
+  )
+
+  if variant == "tiny":
+    common.tiny_two_tower(c)
+    c.model.fusion_depth = 1
+    c.model.embed_dim = 16
+    c.teacher.queue_size = 32
+    c.teacher.alpha_warmup_steps = 2
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 1
+    c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=4, every_steps=0)
+  elif variant == "demo":
+    c.total_steps = 400  # ~9 minutes on 2 CPU cores (a step costs ~2.3 CLIP demo steps)
+    c.batch_size = 64
+    c.log_every = 25
+    c.checkpoint_every = 200
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 1.0
+    c.teacher.queue_size = 2_048
+    c.teacher.alpha_warmup_steps = 100  # the demo sees 1/8 of an epoch: ramp over its first 1/4
+    c.data = common.shapes_data(image_size=64, max_len=24, num_threads=1)
+    c.data.augment = dict(name=method, **DEMO_AUGMENT)
+    c.model.embed_dim = 128
+    c.model.image = common.image_tower("demo", image_size=64, patch_size=8)
+    # The demo text tower's 3 layers split BERT-style: 2 text-only + 1 fusion; dropout 0.1 as
+    # BERT (the teacher's text view in TCL is its own dropout noise).
+    c.model.text = common.text_tower(
+      "demo", common.SHAPES_VOCAB_SIZE, max_len=24, depth=2, dropout=0.1
+    )
+    c.model.fusion_depth = 1
+    c.evals = common.retrieval_and_zeroshot_evals(every_steps=200)
+    c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=16, every_steps=0)
+  else:  # The published recipe: ViT-B/16 at 256 px, BERT-base split 6 + 6, batch 512, 30 epochs.
+    steps_per_epoch = PAIRS_4M // 512
+    c.total_steps = 30 * steps_per_epoch
+    c.batch_size = 512
+    c.log_every = 100
+    c.checkpoint_every = 2_000
+    c.teacher.alpha_warmup_steps = steps_per_epoch
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    # The embedded dataset at 256 px stands in until a web-scale source is configured.
+    c.data = common.shapes_data(image_size=256, max_len=30)
+    c.data.augment = dict(name=method)
+    c.model.image = common.image_tower("B", image_size=256, patch_size=16)
+    c.model.text = common.text_tower("B", vocab_size=30_522, max_len=30, depth=6, dropout=0.1)
+    c.model.fusion_depth = 6
+    c.evals = common.retrieval_and_zeroshot_evals(every_steps=10_000)
+    c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=128, every_steps=0)
+  return c
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  return albef_config(variant, "albef")
