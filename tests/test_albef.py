@@ -121,3 +121,20 @@ def test_train_step_on_8_devices_equals_one_device_queues_included(module):
   np.testing.assert_allclose(extras["queue/txt"][rows], teacher_out["txt/emb"], atol=1e-5)
   itm_kernel = lambda p: p["params"]["itm_head"]["classifier"]["kernel"]
   assert not np.allclose(itm_kernel(params), itm_kernel(host_state.params))  # ITM head trains
+
+
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (lambda c: c.teacher.update(queue_size=40), "multiple of the global batch size 16"),
+    (lambda c: c.teacher.update(image_key="image_aug"), "augment_views=2"),
+    (lambda c: c.model.update(name="two_tower"), "needs a model with an MLM head"),
+    (lambda c: c.mlm.update(mask_id=3), "disagrees with the tokenizer"),
+  ],
+  ids=["queue", "view", "mlm_model", "mask_id"],
+)
+def test_bad_albef_configs_are_clear_errors(edit, message):
+  config = albef.get_config("tiny")
+  edit(config)
+  with pytest.raises(ValueError, match=message):
+    trainer.build(config)

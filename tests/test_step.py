@@ -65,3 +65,24 @@ def test_teacher_receives_no_gradient():
 
   grads = jax.grad(teacher_sensitivity)(state.extras["teacher"])
   assert all(float(np.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_image_id_queue_follows_the_feature_queues_for_retrieval_finetuning():
+  config = _teacher_config()
+  config.teacher.queue_image_id = True
+  config.losses = dict(cma=dict(weight=1.0, match_image_id=True))
+  setup = trainer.build(config)
+  state = jax.jit(setup.init_fn)(jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(state.extras["queue/image_id"], -1)  # empty slots match nothing
+  step_fn = jax.jit(trainer.step_lib.make_train_step(setup.model, setup.tx, config, setup.schedule))
+  first = _batch(setup, 1)
+  state, metrics = step_fn(state, first)
+  ids = np.asarray(state.extras["queue/image_id"])
+  np.testing.assert_array_equal(ids[:16], first["image_id"])
+  np.testing.assert_array_equal(ids[16:], -1)
+  second = _batch(setup, 2)
+  state, metrics = step_fn(state, second)
+  np.testing.assert_array_equal(
+    state.extras["queue/image_id"], np.concatenate([first["image_id"], second["image_id"]])
+  )
+  assert np.isfinite(metrics["cma"])

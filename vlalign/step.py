@@ -14,7 +14,9 @@ docs/architecture.md:
    both see the masked ids as `batch["mlm_ids"]`;
 4. the student sees the teacher's embeddings of the batch as `batch["teacher/img/emb"]` and
    `batch["teacher/txt/emb"]` (ITM hard negatives are sampled from them);
-5. after the update, the global batch of teacher features is written into the queues.
+5. after the update, the global batch of teacher features is written into the queues (with
+   `teacher.queue_image_id`, the batch's image ids into `queue/image_id` too: retrieval
+   fine-tuning's `idx_queue`).
 """
 
 from collections.abc import Callable
@@ -32,6 +34,10 @@ from vlalign.state import TrainState
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 QUEUED = {"queue/img": "img/emb", "queue/txt": "txt/emb"}
+# With `teacher.queue_image_id` (retrieval fine-tuning): the image ids of the queued rows, so that
+# losses with `match_image_id=True` treat queued captions of the same image as positives.
+IMAGE_ID_QUEUE = "queue/image_id"
+QUEUE_FILL_ID = -1  # never an image id: empty slots match nothing
 
 
 def sum_losses(
@@ -77,8 +83,11 @@ def teacher_forward(
   return jax.lax.stop_gradient(outputs)
 
 
-def update_queues(extras: dict[str, Any], teacher_outputs: dict[str, jax.Array]) -> dict[str, Any]:
-  """Writes the global batch of teacher embeddings into every queue (one shared pointer)."""
+def update_queues(
+  extras: dict[str, Any], teacher_outputs: dict[str, jax.Array], image_id: jax.Array
+) -> dict[str, Any]:
+  """Writes the global batch of teacher embeddings (and, when `queue/image_id` is kept, the
+  batch's `image_id` `[B]`) into the queues, which share one pointer."""
   extras = dict(extras)
   ptr = extras["queue/ptr"]
   new_ptr = ptr
@@ -86,6 +95,8 @@ def update_queues(extras: dict[str, Any], teacher_outputs: dict[str, jax.Array])
     extras[queue_key], new_ptr = momentum.enqueue(
       extras[queue_key], ptr, teacher_outputs[output_key]
     )
+  if IMAGE_ID_QUEUE in extras:
+    extras[IMAGE_ID_QUEUE], _ = momentum.enqueue(extras[IMAGE_ID_QUEUE], ptr, image_id)
   extras["queue/ptr"] = new_ptr
   return extras
 
@@ -116,13 +127,14 @@ def make_train_step(
       alpha = momentum.alpha_at(
         state.step, int(teacher_config.alpha_warmup_steps), float(teacher_config.alpha)
       )
-      teacher = {**teacher_out, **{k: extras[k] for k in QUEUED}, "alpha": alpha}
+      queues = {k: v for k, v in extras.items() if k.startswith("queue/") and k != "queue/ptr"}
+      teacher = {**teacher_out, **queues, "alpha": alpha}
       batch = {
         **batch,
         "teacher/img/emb": teacher_out["img/emb"],
         "teacher/txt/emb": teacher_out["txt/emb"],
       }
-      extras = update_queues({**extras, "teacher": teacher_params}, teacher_out)
+      extras = update_queues({**extras, "teacher": teacher_params}, teacher_out, batch["image_id"])
       metrics["alpha"] = alpha
 
     def loss_fn(params):
@@ -153,6 +165,8 @@ def init_extras(params: Any, teacher_config: Any, embed_dim: int, rng: jax.Array
   for i, key in enumerate(QUEUED):
     queue = jax.random.normal(jax.random.fold_in(rng, i), (size, embed_dim), jnp.float32)
     extras[key] = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
+  if teacher_config.get("queue_image_id", False):
+    extras[IMAGE_ID_QUEUE] = jnp.full((size,), QUEUE_FILL_ID, jnp.int32)
   extras["queue/ptr"] = jnp.zeros((), jnp.int32)
   return extras
 
