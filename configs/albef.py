@@ -60,11 +60,10 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     mlm=dict(weight=1.0),
   )
   # ALBEF: AdamW (torch defaults), wd 0.02, no gradient clipping, cosine to min_lr 1e-5.
-  c.optim = dict(
+  c.optim.update(
     lr=1e-4,
     warmup_steps=2_000,
     weight_decay=0.02,
-    b1=0.9,
     b2=0.999,
     eps=1e-8,
     grad_clip=0.0,

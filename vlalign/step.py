@@ -127,7 +127,7 @@ def make_train_step(
       alpha = momentum.alpha_at(
         state.step, int(teacher_config.alpha_warmup_steps), float(teacher_config.alpha)
       )
-      queues = {k: v for k, v in extras.items() if k.startswith("queue/") and k != "queue/ptr"}
+      queues = {k: extras[k] for k in (*QUEUED, IMAGE_ID_QUEUE) if k in extras}
       teacher = {**teacher_out, **queues, "alpha": alpha}
       batch = {
         **batch,

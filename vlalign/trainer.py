@@ -46,11 +46,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
     if not 0.0 <= float(teacher.momentum) <= 1.0:
       raise ValueError(f"config.teacher.momentum={teacher.momentum} must be in [0, 1]")
-    image_key = teacher.get("image_key", "image")
-    if image_key not in pipeline.train_batch_keys(config.data):
+    image_key, batch_keys = (
+      teacher.get("image_key", "image"),
+      pipeline.train_batch_keys(config.data),
+    )
+    if image_key not in batch_keys:
       raise ValueError(
         f"config.teacher.image_key={image_key!r} is not a key of the train batch "
-        f"{pipeline.train_batch_keys(config.data)}; the second view 'image_aug' needs "
+        f"{batch_keys}; the second view 'image_aug' needs "
         "config.data.augment_views=2"
       )
   if config.get("mlm") is not None and config.model.get("name") != "albef":
@@ -66,7 +69,7 @@ def resolve_mlm(config: ml_collections.ConfigDict, tokenizer: Any) -> ml_collect
   want = {"mask_id": tokenizer.mask_id, "special_ids": (tokenizer.cls_id, tokenizer.pad_id)}
   for key, value in want.items():
     given = config.mlm.get(key)
-    if given is not None and (given if key == "mask_id" else tuple(given)) != value:
+    if given is not None and (tuple(given) if isinstance(value, tuple) else given) != value:
       raise ValueError(f"config.mlm.{key}={given} disagrees with the tokenizer's {value}")
     config.mlm[key] = value
   return config

@@ -57,13 +57,6 @@ def _stream_seed(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
 
 
-def _size_hw(size: Any) -> tuple[int, int]:
-  if isinstance(size, int | np.integer):
-    return int(size), int(size)
-  height, width = size
-  return int(height), int(width)
-
-
 def _augment_config(data_config: Any) -> dict | None:
   """`data_config.augment` as a validated dict with `image_size` filled in, or None."""
   aug_config = _field(data_config, "augment")
@@ -73,8 +66,8 @@ def _augment_config(data_config: Any) -> dict | None:
   image_size = int(data_config["image_size"])
   if fields.get("image_size") is None:
     fields["image_size"] = image_size
-  augment.augment_config_from(fields)  # Unknown recipe or field -> ValueError.
-  if _size_hw(fields["image_size"]) != (image_size, image_size):
+  size = augment.augment_config_from(fields).image_size  # Unknown recipe or field -> ValueError.
+  if size not in (image_size, (image_size, image_size)):
     raise ValueError(
       f"data.augment.image_size={fields['image_size']} differs from data.image_size={image_size}; "
       "the augmented image must have the size the model is built for (leave it out to inherit it)"

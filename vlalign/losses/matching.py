@@ -198,10 +198,8 @@ def itm(
     `(loss, {"accuracy"})`, accuracy over the 3B pairs.
   """
   del teacher, batch
-  logits = _require_output(
-    outputs, "itm/logits", "itm", "use model.name='albef' with a config.teacher (the hard "
-    "negatives are sampled against the teacher's embeddings)"
-  )  # fmt: skip
+  hint = "use model.name='albef' with a config.teacher (hard negatives come from its embeddings)"
+  logits = _require_output(outputs, "itm/logits", "itm", hint)
   labels = itm_labels(logits.shape[0] // 3)
   accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   return itm_loss(logits, labels), {"accuracy": accuracy}

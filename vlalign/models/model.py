@@ -194,9 +194,10 @@ class ALBEFModel(TwoTower):
     )
     return {"itm/logits": self.itm_logits(fused)}
 
-  def masked_lm(self, mlm_ids: jax.Array, out: Outputs, batch: Batch, train: bool = False):
-    """MLM logits `[B, L, V]` of the masked ids `[B, L]`, fused with this model's image tokens."""
-    text = self.text_encoder(mlm_ids, batch["text_mask"], train)["tokens"]
+  def masked_lm(self, out: Outputs, batch: Batch, train: bool = False) -> jax.Array:
+    """MLM logits `[B, L, V]` of `batch["mlm_ids"]` `[B, L]`, fused with this model's image
+    tokens `out["img/all_tokens"]`."""
+    text = self.text_encoder(batch["mlm_ids"], batch["text_mask"], train)["tokens"]
     return self.mlm_logits(self.fuse(text, batch["text_mask"], out["img/all_tokens"], train))
 
   def __call__(self, batch: Batch, train: bool = False) -> Outputs:
@@ -211,7 +212,7 @@ class ALBEFModel(TwoTower):
     if "teacher/txt/emb" in batch:
       out.update(self.itm_pairs(out, batch, train))
     if "mlm_ids" in batch:
-      out["mlm/logits"] = self.masked_lm(batch["mlm_ids"], out, batch, train)
+      out["mlm/logits"] = self.masked_lm(out, batch, train)
     return out
 
 
