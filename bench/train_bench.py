@@ -22,7 +22,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   setup = trainer.build(config)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
   compiled = trainer.lower_step(setup).compile()
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   state, metrics = compiled(state, batch)

@@ -4,8 +4,10 @@ Li et al., "Align before Fuse: Vision and Language Representation Learning with 
 Distillation", NeurIPS 2021 (salesforce/ALBEF `configs/Pretrain.yaml`, `Pretrain.py`).
 `--config=configs/albef.py:tiny|demo|full`. `configs/tcl.py` builds on `albef_config`.
 
-Loss: `cma` (ALBEF's `loss_ita`: i2t + t2i with soft targets against [teacher | queue]) + `itm` +
-`mlm`, each with weight 1, as `loss_mlm + loss_ita + loss_itm` in `Pretrain.py`.
+Method `momentum` (`vlalign/methods/momentum.py`): EMA teacher, queues, alpha ramp, ITM on hard
+negatives, MLM. Loss: `cma` (ALBEF's `loss_ita`: i2t + t2i with soft targets against
+[teacher | queue]) + `itm` + `mlm`, each with weight 1, as `loss_mlm + loss_ita + loss_itm` in
+`Pretrain.py`.
 """
 
 import math
@@ -34,6 +36,7 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
   """Model, teacher, MLM, data and recipe shared by ALBEF and TCL; losses are ALBEF's."""
   c = common.base_config(variant)
   c.name = f"{method}_{variant}"
+  c.method = "momentum"
   c.model = dict(
     name="albef",
     embed_dim=256,
@@ -53,6 +56,7 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     image_key="image",
     dropout=True,
   )
+  c.itm = dict(hard_negatives=True)  # negatives sampled from the ITC softmax
   c.mlm = dict(prob=0.15)  # mask_id / special_ids ([CLS], [PAD]) come from the tokenizer
   c.losses = dict(
     cma=dict(weight=1.0),
@@ -68,6 +72,10 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     eps=1e-8,
     grad_clip=0.0,
     min_lr_ratio=0.1,
+    # timm's `create_optimizer` (ALBEF `optim/`): decay on every parameter with 2+ dimensions that
+    # is not a bias, which includes ViT's position embedding and CLS token and BERT's embeddings
+    # (the temperature, a 0-d parameter there, is parameterised differently here).
+    decay=(*common.DECAY, ".*pos_embedding", "(.*/)?cls"),
   )
 
   if variant == "tiny":

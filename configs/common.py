@@ -19,14 +19,27 @@ SIZES = {
 SHAPES_VOCAB_SIZE = 128  # >= the word tokenizer of the embedded dataset (checked at start-up).
 
 
+# Weight decay on dense/conv kernels and token-embedding tables only: never on norms, biases,
+# scalars, position embeddings or learned tokens (`vlalign/optim.py`).
+DECAY = ("(.*/)?kernel", "(.*/)?embedding")
+
+
 def image_tower(size: str, image_size: int, patch_size: int, **overrides) -> dict:
-  return dict(
-    image_size=image_size, patch_size=patch_size, dropout=0.0, **{**SIZES[size], **overrides}
-  )
+  """A `vit` tower (`vlalign/models/vit.py`) of transformer size `size`."""
+  tower = dict(kind="vit", image_size=image_size, patch_size=patch_size, dropout=0.0)
+  return {**tower, **SIZES[size], **overrides}
 
 
 def text_tower(size: str, vocab_size: int, max_len: int, **overrides) -> dict:
-  tower = dict(vocab_size=vocab_size, max_len=max_len, causal=False, pool="first", dropout=0.0)
+  """A `text_transformer` tower (`vlalign/models/text.py`) of transformer size `size`."""
+  tower = dict(
+    kind="text_transformer",
+    vocab_size=vocab_size,
+    max_len=max_len,
+    causal=False,
+    pool="first",
+    dropout=0.0,
+  )
   return {**tower, **SIZES[size], **overrides}
 
 
@@ -65,6 +78,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = ""
   c.variant = variant
+  c.method = "two_tower"  # a registered method (`vlalign/methods/`)
+  c.imports = ()  # modules outside vlalign that register methods, losses, towers, evaluators
+  c.init = ml_collections.ConfigDict()  # sub-trees loaded from elsewhere (`vlalign/weights/`)
   c.seed = 0
   c.total_steps = 0
   c.batch_size = 0
@@ -83,6 +99,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
     eps=1e-6,
     grad_clip=1.0,
     min_lr_ratio=0.0,
+    decay=DECAY,
+    frozen=(),  # parameter path patterns that never change
   )
   return c
 

@@ -5,6 +5,7 @@
 # The repo must be at ~/vlalign on every worker (e.g. `gcloud ... --worker=all --command="git clone ..."`).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
-ARGS="$*"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd ~/vlalign && .venv/bin/python -m vlalign.train --jax_distributed $ARGS"
+# Each argument shell-quoted, so that spaces and quotes reach the remote command intact.
+printf -v ARGS ' %q' "$@"
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
+  --command="cd ~/vlalign && .venv/bin/python -m vlalign.train --jax_distributed${ARGS}"

@@ -8,7 +8,7 @@ import pytest
 from configs import albef, tcl
 from vlalign import testing, trainer
 from vlalign.losses import matching
-from vlalign.models import model as model_lib
+from vlalign.testing import loss_context
 
 
 def _setup(module):
@@ -18,18 +18,18 @@ def _setup(module):
   return setup, setup.config
 
 
-def test_itm_pairs_are_positives_then_negative_images_then_negative_texts(monkeypatch):
+def test_itm_pairs_are_positives_then_negative_images_then_negative_texts():
   setup, _ = _setup(albef)
   batch = testing.synthetic_batch(setup.spec, seed=1)
   batch = {k: v[:4] for k, v in batch.items()}
-  params = setup.model.init(
-    {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(1)}, batch
-  )
+  params = setup.model.init({"params": jax.random.PRNGKey(0)}, batch)
   neg_text, neg_image = np.array([2, 0, 3, 1]), np.array([1, 3, 0, 2])
-  monkeypatch.setattr(model_lib.matching, "sample_hard_negatives", lambda *a: (neg_text, neg_image))
-  out = setup.model.apply(params, batch, method=type(setup.model).__call__)
-  teacher = {"teacher/img/emb": out["img/emb"], "teacher/txt/emb": out["txt/emb"]}
-  out = setup.model.apply(params, {**batch, **teacher}, rngs={"sample": jax.random.PRNGKey(2)})
+
+  def itm_pairs(module):
+    out = module(batch)
+    return module.itm_pairs(out, batch["text_mask"], neg_text, neg_image)
+
+  out = setup.model.apply(params, method=itm_pairs)
   assert out["itm/logits"].shape == (12, 2)
 
   device_batch = jax.tree.map(jnp.asarray, batch)
@@ -57,7 +57,7 @@ def test_itm_pairs_are_positives_then_negative_images_then_negative_texts(monkey
 
 def test_itm_loss_entry_reports_accuracy_against_labels():
   logits = jnp.array([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 0.5]])
-  loss, metrics = matching.itm({"itm/logits": logits}, None, {})
+  loss, metrics = matching.itm({"itm/logits": logits}, loss_context())
   labels = np.array([1, 1, 0, 0, 0, 0])
   log_probs = np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
   np.testing.assert_allclose(loss, -np.mean(log_probs[np.arange(6), labels]), rtol=1e-6)
@@ -70,18 +70,19 @@ def test_mlm_loss_entry_distills_from_teacher_and_counts_masked_accuracy():
   teacher_logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
   hit, miss = int(logits[0, 1].argmax()), (int(logits[1, 0].argmax()) + 1) % 5
   labels = np.array([[-100, hit, -100], [miss, -100, -100]])
-  outputs, batch = {"mlm/logits": logits}, {"mlm_labels": labels}
-  loss, metrics = matching.mlm(outputs, {"mlm/logits": teacher_logits, "alpha": 0.4}, batch)
+  outputs, inputs = {"mlm/logits": logits}, {"mlm_labels": labels}
+  ctx = loss_context({"mlm/logits": teacher_logits, "alpha": 0.4, **inputs})
+  loss, metrics = matching.mlm(outputs, ctx)
   np.testing.assert_allclose(
     loss, matching.mlm_loss(logits, labels, teacher_logits, 0.4), rtol=1e-6
   )
   np.testing.assert_allclose(metrics["accuracy"], 0.5)
-  plain, _ = matching.mlm(outputs, None, batch, distill=False)
+  plain, _ = matching.mlm(outputs, loss_context(inputs), distill=False)
   np.testing.assert_allclose(plain, matching.mlm_loss(logits, labels, None, 0.0), rtol=1e-6)
-  with pytest.raises(ValueError, match="teacher entries"):
-    matching.mlm(outputs, None, batch)
+  with pytest.raises(ValueError, match=r"ctx.teacher entries \['mlm/logits'\]"):
+    matching.mlm(outputs, loss_context(inputs))
   with pytest.raises(ValueError, match="model output 'itm/logits'"):
-    matching.itm({}, None, batch)
+    matching.itm({}, loss_context(inputs))
 
 
 def _two_steps(train_step, state, batches):
@@ -96,13 +97,13 @@ def test_train_step_on_8_devices_equals_one_device_queues_included():
   the second view, IMC and LMI; `cma` alone is checked on 8 devices in test_momentum."""
   setup, config = _setup(tcl)
   batches = [testing.synthetic_batch(setup.spec, seed) for seed in (1, 2)]
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
   host_state = jax.device_get(state)
   with jax.set_mesh(setup.mesh):
     sharded = _two_steps(
       setup.train_step, state, [testing.shard_leading(b, setup.mesh) for b in batches]
     )
-  step_fn = jax.jit(trainer.step_lib.make_train_step(setup.model, setup.tx, config, setup.schedule))
+  step_fn = jax.jit(setup.step_fn)
   device = jax.devices()[0]
   single = _two_steps(
     step_fn, jax.device_put(host_state, device), [jax.device_put(b, device) for b in batches]
@@ -136,10 +137,12 @@ def test_train_step_on_8_devices_equals_one_device_queues_included():
   [
     (lambda c: c.teacher.update(queue_size=40), "multiple of the global batch size 16"),
     (lambda c: c.teacher.update(image_key="image_aug"), "augment_views=2"),
-    (lambda c: c.model.update(name="two_tower"), "needs a model with an MLM head"),
+    (lambda c: c.model.update(name="two_tower"), "needs a model with `itm_pairs`"),
+    (lambda c: c.update(method="two_tower"), r"fields \['itm', 'mlm', 'teacher'\] are not read"),
+    (lambda c: c.teacher.update(alpha=1.5), r"alpha=1.5 must be in \[0, 1\]"),
     (lambda c: c.mlm.update(mask_id=3), "disagrees with the tokenizer"),
   ],
-  ids=["queue", "view", "mlm_model", "mask_id"],
+  ids=["queue", "view", "itm_model", "method", "alpha", "mask_id"],
 )
 def test_bad_albef_configs_are_clear_errors(edit, message):
   config = albef.get_config("tiny")

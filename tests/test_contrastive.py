@@ -11,6 +11,7 @@ from vlalign import losses, testing
 from vlalign.losses import contrastive
 
 CLIP_INIT_SCALE = math.log(1 / 0.07)
+CTX = losses.context()  # in-batch losses read nothing from the context
 
 
 def _outputs(batch_size=16, dim=8, seed=0, logit_scale=CLIP_INIT_SCALE, bias=None):
@@ -54,14 +55,14 @@ def _siglip_reference(out):
 
 def test_registry_lists_both_and_rejects_unknown():
   assert {"itc", "siglip"} <= set(losses.names())
-  with pytest.raises(KeyError, match="unknown loss 'nope'"):
+  with pytest.raises(ValueError, match="unknown loss 'nope'"):
     losses.get("nope")
 
 
 @pytest.mark.parametrize("logit_scale", [CLIP_INIT_SCALE, 6.0])  # 6.0 exercises the clamp
 def test_itc_matches_reference(logit_scale):
   out = _outputs(logit_scale=logit_scale)
-  value, metrics = contrastive.itc(out, None, {})
+  value, metrics = contrastive.itc(out, CTX)
   np.testing.assert_allclose(value, _itc_reference(out), rtol=1e-5)
   expected_temp = 1 / math.exp(min(logit_scale, math.log(100)))
   np.testing.assert_allclose(metrics["temperature"], expected_temp, rtol=1e-5)
@@ -70,19 +71,19 @@ def test_itc_matches_reference(logit_scale):
 def test_itc_accuracy_is_one_for_identical_embeddings():
   out = _outputs()
   out["txt/emb"] = out["img/emb"]
-  _, metrics = contrastive.itc(out, None, {})
+  _, metrics = contrastive.itc(out, CTX)
   assert metrics["acc_i2t"] == 1.0 and metrics["acc_t2i"] == 1.0
 
 
 def test_siglip_matches_reference():
   out = _outputs(logit_scale=math.log(10.0), bias=-10.0)
-  value, _ = contrastive.siglip(out, None, {})
+  value, _ = contrastive.siglip(out, CTX)
   np.testing.assert_allclose(value, _siglip_reference(out), rtol=1e-5)
 
 
 def test_siglip_without_bias_is_a_clear_error():
   with pytest.raises(ValueError, match="logit_bias_init"):
-    contrastive.siglip(_outputs(), None, {})
+    contrastive.siglip(_outputs(), CTX)
 
 
 @pytest.mark.parametrize("name,bias", [("itc", None), ("siglip", -10.0)])
@@ -91,7 +92,7 @@ def test_loss_and_grads_on_8_devices_equal_single_device(name, bias):
   fn = losses.get(name)
 
   def loss_and_grads(o):
-    return jax.value_and_grad(lambda o: fn(o, None, {})[0])(o)
+    return jax.value_and_grad(lambda o: fn(o, CTX)[0])(o)
 
   (v8, g8), (v1, g1) = testing.run_sharded_and_single(loss_and_grads, out)
   np.testing.assert_allclose(v8, v1, rtol=1e-6)
@@ -102,10 +103,10 @@ def test_loss_and_grads_on_8_devices_equal_single_device(name, bias):
 
 def test_gradients_match_finite_differences():
   out = _outputs(batch_size=4, dim=3)
-  grad = jax.grad(lambda s: contrastive.itc({**out, "logit_scale": s}, None, {})[0])
+  grad = jax.grad(lambda s: contrastive.itc({**out, "logit_scale": s}, CTX)[0])
   s0, eps = jnp.float32(2.0), 1e-2
   fd = (
-    contrastive.itc({**out, "logit_scale": s0 + eps}, None, {})[0]
-    - contrastive.itc({**out, "logit_scale": s0 - eps}, None, {})[0]
+    contrastive.itc({**out, "logit_scale": s0 + eps}, CTX)[0]
+    - contrastive.itc({**out, "logit_scale": s0 - eps}, CTX)[0]
   ) / (2 * eps)
   np.testing.assert_allclose(grad(s0), fd, rtol=1e-2)

@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vlalign.models import fusion
-from vlalign.models.model import ALBEFModel, build_model
+from vlalign.models import build_model, fusion
+from vlalign.models.model import ALBEFModel
 
 BATCH = 8
 IMAGE = 16
@@ -35,9 +35,17 @@ def albef_config(**overrides) -> ml_collections.ConfigDict:
   c.fusion_depth = 1
   c.tie_mlm = True
   c.image = dict(
-    image_size=IMAGE, patch_size=8, width=IMAGE_WIDTH, depth=1, num_heads=2, mlp_dim=32, dropout=0.0
+    kind="vit",
+    image_size=IMAGE,
+    patch_size=8,
+    width=IMAGE_WIDTH,
+    depth=1,
+    num_heads=2,
+    mlp_dim=32,
+    dropout=0.0,
   )
   c.text = dict(
+    kind="text_transformer",
     vocab_size=VOCAB,
     max_len=MAX_LEN,
     width=TEXT_WIDTH,

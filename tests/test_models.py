@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vlalign.models import layers, text, vit
+from vlalign.models import build_model, build_tower, layers, text, vit
 from vlalign.models.heads import Projection, l2_normalize
-from vlalign.models.model import TwoTower, build_model
+from vlalign.models.model import TwoTower
 
 BATCH = 8
 IMAGE = 16
@@ -39,9 +39,17 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.proj_hidden = None
   c.remat = False
   c.image = dict(
-    image_size=IMAGE, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, dropout=0.0
+    kind="vit",
+    image_size=IMAGE,
+    patch_size=8,
+    width=16,
+    depth=1,
+    num_heads=2,
+    mlp_dim=32,
+    dropout=0.0,
   )
   c.text = dict(
+    kind="text_transformer",
     vocab_size=VOCAB,
     max_len=MAX_LEN,
     width=16,
@@ -74,9 +82,7 @@ def init_and_apply(config, batch, train=False, rng=1):
 
 
 def text_tower(**overrides):
-  fields = dict(model_config().text)
-  fields.update(overrides)
-  return text.TextTransformer(**fields)
+  return build_tower({**dict(model_config().text), **overrides}, "model.text")
 
 
 def apply_text(module, ids, mask, params=None):
@@ -407,6 +413,43 @@ def test_model_remat_flag_reaches_the_blocks():
   assert "checkpoint" not in jaxpr(plain) and "remat" not in jaxpr(plain)
 
 
-def test_unknown_model_name_raises():
-  with pytest.raises(ValueError, match="unknown model name 'clip2'"):
+def test_unknown_model_name_and_tower_kind_and_tower_field_raise():
+  with pytest.raises(
+    ValueError, match=r"unknown model 'clip2'; registered: \['albef', 'two_tower'\]"
+  ):
     build_model(model_config(name="clip2"))
+  batch = make_batch()
+  with pytest.raises(ValueError, match="unknown tower 'convnet'"):
+    build_model(model_config(**{"image.kind": "convnet"})).init(jax.random.key(0), batch)
+  config = model_config()
+  config.text.widht = 16
+  with pytest.raises(ValueError, match=r"model.text has fields \['widht'\]"):
+    build_model(config).init(jax.random.key(0), batch)
+
+
+def test_a_tower_registered_elsewhere_is_used_without_changing_the_composite_model():
+  """A new image tower kind (here: mean-pooled patch embedding) needs only its registration."""
+  import flax.linen as nn
+
+  from vlalign.models import TOWERS
+
+  @TOWERS.register("test_mean_patches")
+  class MeanPatches(nn.Module):
+    width: int
+    patch_size: int
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train=False):
+      p = self.patch_size
+      x = nn.Conv(self.width, (p, p), strides=(p, p), dtype=self.dtype)(images)
+      tokens = x.reshape(x.shape[0], -1, self.width)
+      return {"cls": tokens.mean(axis=1), "tokens": tokens}
+
+  config = model_config()
+  config.image = dict(kind="test_mean_patches", width=12, patch_size=8)
+  model = build_model(config)
+  params = model.init(jax.random.key(0), make_batch())
+  out = model.apply(params, make_batch())
+  assert out["img/tokens"].shape == (BATCH, (IMAGE // 8) ** 2, 12)
+  assert out["img/emb"].shape == (BATCH, EMBED)

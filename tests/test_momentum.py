@@ -9,7 +9,8 @@ import pytest
 
 from vlalign import losses
 from vlalign.losses import momentum
-from vlalign.testing import run_sharded_and_single
+from vlalign.methods import momentum as momentum_method
+from vlalign.testing import loss_context, run_sharded_and_single
 
 B, E, K = 8, 16, 16
 
@@ -80,11 +81,11 @@ def test_ema_update_matches_rule_and_keeps_dtype():
   rng = np.random.default_rng(0)
   teacher = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.zeros(4, jnp.bfloat16)}
   student = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.ones(4, np.float32)}
-  new = jax.jit(momentum.ema_update)(teacher, student, 0.995)
+  new = jax.jit(momentum_method.ema_update)(teacher, student, 0.995)
   np.testing.assert_allclose(new["w"], 0.995 * teacher["w"] + 0.005 * student["w"], rtol=1e-6)
   assert new["b"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(new["b"], np.float32), 0.005, rtol=1e-2)
-  same = momentum.ema_update(student, student, 0.9)  # teacher == student is a fixed point
+  same = momentum_method.ema_update(student, student, 0.9)  # teacher == student is a fixed point
   np.testing.assert_allclose(same["w"], student["w"], rtol=1e-6)
 
 
@@ -94,18 +95,18 @@ def test_alpha_ramps_linearly_over_first_epoch_then_stays():
     # The reference: alpha * min(1, i / len(loader)) in epoch 0, alpha afterwards.
     epoch, i = divmod(step, steps_per_epoch)
     expected = 0.4 if epoch > 0 else 0.4 * min(1.0, i / steps_per_epoch)
-    got = momentum.alpha_at(step, steps_per_epoch)
+    got = momentum_method.alpha_at(step, steps_per_epoch)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-  traced = jax.jit(lambda s: momentum.alpha_at(s, 10, 0.2))(jnp.int32(5))
+  traced = jax.jit(lambda s: momentum_method.alpha_at(s, 10, 0.2))(jnp.int32(5))
   np.testing.assert_allclose(traced, 0.1, rtol=1e-6)
   with pytest.raises(ValueError):
-    momentum.alpha_at(0, 0)
+    momentum_method.alpha_at(0, 0)
 
 
 def test_enqueue_ring_buffer_wraps_after_three_batches():
   queue = np.zeros((2 * 4, 3), np.float32)  # K = 2B with B = 4
   batches = [np.full((4, 3), v, np.float32) for v in (1.0, 2.0, 3.0)]
-  step = jax.jit(momentum.enqueue)
+  step = jax.jit(momentum_method.enqueue)
   q, ptr = jnp.asarray(queue), jnp.int32(0)
   expected_ptrs = [4, 0, 4]
   for feats, expected_ptr in zip(batches, expected_ptrs):
@@ -124,16 +125,16 @@ def test_enqueue_pointer_past_end_wraps_and_matches_reference():
     expected = queue.copy()
     start = ptr % 12
     expected[start : start + 4] = feats
-    q, new_ptr = momentum.enqueue(queue, jnp.int32(ptr), feats)
+    q, new_ptr = momentum_method.enqueue(queue, jnp.int32(ptr), feats)
     np.testing.assert_array_equal(q, expected)
     assert int(new_ptr) == (start + 4) % 12
 
 
 def test_enqueue_rejects_queue_not_multiple_of_batch():
   with pytest.raises(ValueError, match="multiple"):
-    momentum.enqueue(jnp.zeros((10, 3)), jnp.int32(0), jnp.zeros((4, 3)))
+    momentum_method.enqueue(jnp.zeros((10, 3)), jnp.int32(0), jnp.zeros((4, 3)))
   with pytest.raises(ValueError, match="multiple"):
-    jax.jit(momentum.enqueue)(jnp.zeros((10, 3)), jnp.int32(0), jnp.zeros((4, 3)))
+    jax.jit(momentum_method.enqueue)(jnp.zeros((10, 3)), jnp.int32(0), jnp.zeros((4, 3)))
 
 
 def test_soft_targets_and_soft_cross_entropy_match_numpy():
@@ -161,7 +162,7 @@ def test_temperature_is_clamped_like_tcl():
 @pytest.mark.parametrize("tau", [0.07, 2.0])
 def test_cma_matches_loop_reference(tau):
   outputs, teacher, batch = _inputs(seed=3, alpha=0.3, tau=tau)
-  loss, metrics = jax.jit(losses.get("cma"))(outputs, teacher, batch)
+  loss, metrics = jax.jit(losses.get("cma"))(outputs, loss_context(teacher, batch))
   i2t, t2i, ref_tau = _ref_cma(outputs, teacher, batch)
   np.testing.assert_allclose(metrics["i2t"], i2t, rtol=1e-5)
   np.testing.assert_allclose(metrics["t2i"], t2i, rtol=1e-5)
@@ -171,7 +172,7 @@ def test_cma_matches_loop_reference(tau):
 
 def test_cma_with_image_id_positives_matches_reference():
   outputs, teacher, batch = _inputs(seed=4, alpha=0.6)
-  loss, metrics = momentum.cma(outputs, teacher, batch, match_image_id=True)
+  loss, metrics = momentum.cma(outputs, loss_context(teacher, batch), match_image_id=True)
   i2t, t2i, _ = _ref_cma(outputs, teacher, batch, match_image_id=True)
   np.testing.assert_allclose(metrics["i2t"], i2t, rtol=1e-5)
   np.testing.assert_allclose(metrics["t2i"], t2i, rtol=1e-5)
@@ -179,7 +180,7 @@ def test_cma_with_image_id_positives_matches_reference():
 
 def test_cma_gets_no_gradient_through_teacher_and_alpha_zero_is_infonce():
   outputs, teacher, batch = _inputs(seed=5, alpha=0.0)
-  grads = jax.grad(lambda t: momentum.cma(outputs, t, batch)[0])(
+  grads = jax.grad(lambda t: momentum.cma(outputs, loss_context(t, batch))[0])(
     {k: jnp.asarray(v, jnp.float32) for k, v in teacher.items() if k != "queue/image_id"}
   )
   for value in jax.tree.leaves(grads):
@@ -188,20 +189,22 @@ def test_cma_gets_no_gradient_through_teacher_and_alpha_zero_is_infonce():
   tau = 0.07
   logits = outputs["img/emb"] @ np.concatenate([teacher["txt/emb"], teacher["queue/txt"]]).T / tau
   expected = np.mean([-_log_softmax(logits[i].astype(np.float64))[i] for i in range(B)])
-  np.testing.assert_allclose(momentum.cma(outputs, teacher, batch)[1]["i2t"], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    momentum.cma(outputs, loss_context(teacher, batch))[1]["i2t"], expected, rtol=1e-5
+  )
 
 
 def test_cma_requires_teacher():
   outputs, _, batch = _inputs()
   with pytest.raises(ValueError, match="teacher"):
-    momentum.cma(outputs, None, batch)
+    momentum.cma(outputs, loss_context(None, batch))
 
 
 def test_cma_value_and_grad_same_on_8_devices():
   outputs, teacher, batch = _inputs(seed=6, alpha=0.4)
 
   def value_and_grad(o, t, b):
-    return jax.value_and_grad(lambda o_: momentum.cma(o_, t, b)[0])(o)
+    return jax.value_and_grad(lambda o_: momentum.cma(o_, loss_context(t, b))[0])(o)
 
   (sharded_value, sharded_grad), (value, grad) = run_sharded_and_single(
     value_and_grad, outputs, teacher, batch

@@ -302,13 +302,6 @@ def test_bad_itm_and_encoder_outputs_are_rejected():
 # --- building from config -------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _ItmContext(evaluation.EvalContext):
-  encode_image_tokens_fn: object = None
-  encode_text_tokens_fn: object = None
-  itm_score_fn: object = None
-
-
 def _fake_pipeline(monkeypatch):
   import vlalign.data
 
@@ -324,16 +317,17 @@ def _fake_pipeline(monkeypatch):
   return calls
 
 
+def _predict(model):
+  return {
+    "encode_image_tokens": model.image,
+    "encode_text_tokens": model.text,
+    "itm_score": model.itm_score,
+  }
+
+
 def _context(model):
-  return _ItmContext(
-    encode_image_fn=None,
-    encode_text_fn=None,
-    tokenizer=None,
-    data_config={"max_len": 3},
-    default_batch_size=8,
-    encode_image_tokens_fn=model.image,
-    encode_text_tokens_fn=model.text,
-    itm_score_fn=model.itm_score,
+  return evaluation.EvalContext(
+    predict=_predict(model), tokenizer=None, data_config={"max_len": 3}, default_batch_size=8
   )
 
 
@@ -342,7 +336,7 @@ def test_build_from_config(monkeypatch):
 
   calls = _fake_pipeline(monkeypatch)
   model = _FakeModel(*_random_case(9, num_images=4))
-  builder = evaluation.EVALUATORS["retrieval_itm"]
+  builder = evaluation.EVALUATORS.get("retrieval_itm")
   settings = ml_collections.ConfigDict(
     {"type": "retrieval_itm", "split": "test", "every_steps": 100, "k": 4, "ties": "optimistic"}
   ).to_dict()
@@ -370,7 +364,7 @@ def test_build_from_config(monkeypatch):
 def test_build_errors(monkeypatch):
   _fake_pipeline(monkeypatch)
   model = _FakeModel(*_random_case(9, num_images=4))
-  builder = evaluation.EVALUATORS["retrieval_itm"]
+  builder = evaluation.EVALUATORS.get("retrieval_itm")
   ctx = _context(model)
   with pytest.raises(ValueError, match=r"misses \['split'\]"):
     builder("v", {"type": "retrieval_itm", "k": 4}, ctx)
@@ -380,15 +374,15 @@ def test_build_errors(monkeypatch):
     builder("v", {"type": "retrieval_itm", "split": "val", "k": 0}, ctx)
   with pytest.raises(ValueError, match="unknown tie rule"):
     builder("v", {"type": "retrieval_itm", "split": "val", "ties": "random"}, ctx)
-  no_itm = dataclasses.replace(ctx, itm_score_fn=None)
-  with pytest.raises(ValueError, match=r"needs a model with an ITM head.*\['itm_score_fn'\]"):
+  no_itm_predict = {k: v for k, v in _predict(model).items() if k != "itm_score"}
+  no_itm = dataclasses.replace(ctx, predict=no_itm_predict)
+  with pytest.raises(ValueError, match=r"a model with an ITM head.*'itm_score'"):
     builder("v", {"type": "retrieval_itm", "split": "val"}, no_itm)
-  # The plain context (no fusion model functions) gives the same clear error.
-  with pytest.raises(ValueError, match="needs a model with an ITM head"):
+  # A two-tower method's functions only: the same clear error.
+  with pytest.raises(ValueError, match="a model with an ITM head"):
     evaluation.build_evaluators(
       {"v": {"type": "retrieval_itm", "split": "val"}},
-      encode_image_fn=model.image,
-      encode_text_fn=model.text,
+      predict={"encode_image": model.image, "encode_text": model.text},
       tokenizer=None,
       data_config={"max_len": 3},
       default_batch_size=8,

@@ -267,8 +267,7 @@ def _build(evals):
   enc = _FakeEncoders()
   return evaluation.build_evaluators(
     ml_collections.ConfigDict(evals),
-    encode_image_fn=enc.image,
-    encode_text_fn=enc.text,
+    predict={"encode_image": enc.image, "encode_text": enc.text},
     tokenizer=None,
     data_config=ml_collections.ConfigDict({"max_len": 6}),
     default_batch_size=8,

@@ -1,4 +1,4 @@
-"""The train step's momentum-teacher path: EMA rule, no teacher gradient, queue writes."""
+"""The train step with the momentum method: EMA rule, no teacher gradient, queue writes."""
 
 import jax
 import ml_collections
@@ -11,6 +11,7 @@ from vlalign import testing, trainer
 def _teacher_config(momentum=0.9):
   config = clip.get_config("tiny")
   config.evals = {}
+  config.method = "momentum"
   config.teacher = ml_collections.ConfigDict(
     dict(momentum=momentum, queue_size=32, alpha=0.4, alpha_warmup_steps=4, image_key="image",
          dropout=False)
@@ -26,10 +27,8 @@ def _batch(setup, seed):
 def test_teacher_moves_by_the_ema_rule_and_queues_fill():
   momentum = 0.9
   setup = trainer.build(_teacher_config(momentum))
-  state = jax.jit(setup.init_fn)(jax.random.PRNGKey(0))
-  step_fn = trainer.step_lib.make_train_step(setup.model, setup.tx, _teacher_config(momentum),
-                                             setup.schedule)  # fmt: skip
-  step_fn = jax.jit(step_fn)
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
+  step_fn = jax.jit(setup.step_fn)
   params0 = jax.device_get(state.params)
   np.testing.assert_array_equal(
     jax.tree.leaves(jax.device_get(state.extras["teacher"]))[0], jax.tree.leaves(params0)[0]
@@ -55,8 +54,8 @@ def test_teacher_moves_by_the_ema_rule_and_queues_fill():
 def test_teacher_receives_no_gradient():
   config = _teacher_config()
   setup = trainer.build(config)
-  state = jax.jit(setup.init_fn)(jax.random.PRNGKey(0))
-  step_fn = trainer.step_lib.make_train_step(setup.model, setup.tx, config, setup.schedule)
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
+  step_fn = setup.step_fn
   batch = _batch(setup, 3)
 
   def teacher_sensitivity(teacher):
@@ -72,9 +71,9 @@ def test_image_id_queue_follows_the_feature_queues_for_retrieval_finetuning():
   config.teacher.queue_image_id = True
   config.losses = dict(cma=dict(weight=1.0, match_image_id=True))
   setup = trainer.build(config)
-  state = jax.jit(setup.init_fn)(jax.random.PRNGKey(0))
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(state.extras["queue/image_id"], -1)  # empty slots match nothing
-  step_fn = jax.jit(trainer.step_lib.make_train_step(setup.model, setup.tx, config, setup.schedule))
+  step_fn = jax.jit(setup.step_fn)
   first = _batch(setup, 1)
   state, metrics = step_fn(state, first)
   ids = np.asarray(state.extras["queue/image_id"])

@@ -9,7 +9,7 @@ import pytest
 
 from vlalign import losses
 from vlalign.losses import intra, local_mi
-from vlalign.testing import run_sharded_and_single
+from vlalign.testing import loss_context, run_sharded_and_single
 
 B, E, K, L = 8, 16, 16, 8
 TEXT_LENGTHS = [8, 4, 3, 8, 2, 5, 7, 3]  # real tokens incl. CLS; the rest is padding
@@ -185,7 +185,7 @@ def test_g2l_loss_matches_tcl_port_and_loop_reference():
 @pytest.mark.parametrize("side", [8, 12])
 def test_lmi_matches_reference_at_two_resolutions(side):
   outputs, teacher, batch = _inputs(seed=side, side=side)
-  loss, metrics = jax.jit(losses.get("lmi"))(outputs, teacher, batch)
+  loss, metrics = jax.jit(losses.get("lmi"))(outputs, loss_context(teacher, batch))
   img, txt = _ref_lmi(outputs, teacher, batch)
   np.testing.assert_allclose(metrics["img"], img, rtol=1e-5)
   np.testing.assert_allclose(metrics["txt"], txt, rtol=1e-5)
@@ -204,7 +204,7 @@ def test_lmi_padding_and_cls_features_change_nothing():
   changed["txt/tokens_emb"] = tokens
 
   def txt_term_and_grad(o, t):
-    return jax.value_and_grad(lambda o_: local_mi.lmi(o_, t, batch)[1]["txt"])(o)
+    return jax.value_and_grad(lambda o_: local_mi.lmi(o_, loss_context(t, batch))[1]["txt"])(o)
 
   (value, grad), (value_changed, grad_changed) = (
     txt_term_and_grad(outputs, teacher),
@@ -217,7 +217,7 @@ def test_lmi_padding_and_cls_features_change_nothing():
 def test_lmi_padded_positives_excluded_and_per_text_normalised():
   outputs, teacher, batch = _inputs(seed=3)
   tau = _tau(outputs)
-  got = local_mi.lmi(outputs, teacher, batch)[1]["txt"]
+  got = local_mi.lmi(outputs, loss_context(teacher, batch))[1]["txt"]
   # Counting padded positions as positives (and negatives) would change the value.
   all_valid = _ref_g2l_loops(teacher["txt/tokens_emb"][:, 1:], outputs["txt/emb"], tau)
   assert abs(float(got) - all_valid) > 1e-3
@@ -230,20 +230,22 @@ def test_lmi_padded_positives_excluded_and_per_text_normalised():
 
 def test_imc_matches_reference_with_hard_targets():
   outputs, teacher, batch = _inputs(seed=4, alpha=0.9)
-  loss, metrics = jax.jit(losses.get("imc"))(outputs, teacher, batch)
+  loss, metrics = jax.jit(losses.get("imc"))(outputs, loss_context(teacher, batch))
   i2i, t2t = _ref_imc(outputs, teacher)
   np.testing.assert_allclose(metrics["i2i"], i2i, rtol=1e-5)
   np.testing.assert_allclose(metrics["t2t"], t2t, rtol=1e-5)
   np.testing.assert_allclose(loss, 0.5 * (i2i + t2t), rtol=1e-5)
   # alpha does not enter the intra-modal terms (the reference uses the hard sim_targets there).
   teacher_other_alpha = dict(teacher, alpha=np.float32(0.1))
-  np.testing.assert_allclose(intra.imc(outputs, teacher_other_alpha, batch)[0], loss, rtol=1e-6)
+  np.testing.assert_allclose(
+    intra.imc(outputs, loss_context(teacher_other_alpha, batch))[0], loss, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("tau", [0.07, 0.0001])
 def test_tcl_ita_is_mean_of_six_reference_terms(tau):
   outputs, teacher, batch = _inputs(seed=5, alpha=0.35, tau=tau)
-  loss, metrics = jax.jit(losses.get("tcl_ita"))(outputs, teacher, batch)
+  loss, metrics = jax.jit(losses.get("tcl_ita"))(outputs, loss_context(teacher, batch))
   i2t, t2i = _ref_cma(outputs, teacher)
   i2i, t2t = _ref_imc(outputs, teacher)
   lmi_img, lmi_txt = _ref_lmi(outputs, teacher, batch)
@@ -260,7 +262,7 @@ def test_value_and_grad_same_on_8_devices(name):
   loss_fn = losses.get(name)
 
   def value_and_grad(o, t, b):
-    return jax.value_and_grad(lambda o_: loss_fn(o_, t, b)[0])(o)
+    return jax.value_and_grad(lambda o_: loss_fn(o_, loss_context(t, b))[0])(o)
 
   (sharded_value, sharded_grad), (value, grad) = run_sharded_and_single(
     value_and_grad, outputs, teacher, batch

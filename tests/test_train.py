@@ -59,6 +59,31 @@ def test_three_steps_through_the_real_entry_point(tmp_path):
   assert (workdir / "eval_step3.md").exists()  # the tiny config's evaluators ran at the end
 
 
+RESULT_FILES = ("config.json", "metrics.jsonl", "final_metrics.json", "eval_step3.json",
+                "eval_step3.md")  # fmt: skip
+
+
+def test_rerunning_a_finished_run_leaves_its_results_byte_identical(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = _train_cmd(workdir, "--config.total_steps=3", "--config.log_every=1")
+  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = {name: (workdir / name).read_bytes() for name in RESULT_FILES}
+  assert b'"eval/retrieval_test/t2i_r1"' in before["final_metrics.json"]
+
+  again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already finished at step 3" in again.stderr
+  assert {name: (workdir / name).read_bytes() for name in RESULT_FILES} == before
+
+  # A crash after the last checkpoint but before the results: the rerun makes them, the same.
+  for name in ("final_metrics.json", "eval_step3.json", "eval_step3.md"):
+    (workdir / name).unlink()
+  again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {name: (workdir / name).read_bytes() for name in RESULT_FILES} == before
+
+
 def test_siglip_tiny_trains_and_loss_goes_down(tmp_path):
   config = _tiny(siglip, total_steps=6)
   final = trainer.train_and_evaluate(config, str(tmp_path))
@@ -154,7 +179,7 @@ def test_unknown_config_field_is_rejected_by_the_binary(tmp_path):
 def test_nan_guard_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(tmp_path):
   trainer.train_and_evaluate(_tiny(total_steps=2, checkpoint_every=1), str(tmp_path))
   config = _tiny(total_steps=4, checkpoint_every=1)
-  config.optim.lr = float("nan")  # resumed from step 2, the first update makes the params NaN
+  config.optim.lr = 1e30  # resumed from step 2, the first update makes the params overflow
   with pytest.raises(metrics.NonFiniteError, match="param_norm between step 3 and step 3"):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2

@@ -6,13 +6,16 @@
   model of other shapes (instead of failing deep inside Orbax or silently broadcasting).
 """
 
-import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from vlalign import pytrees
+from vlalign import workdir as workdir_lib
 
 STATE = "state"
 DATA = "data"
@@ -22,17 +25,9 @@ class IncompatibleCheckpointError(ValueError):
   """The checkpoint in the workdir does not fit the configured model or state."""
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuples), SequenceKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """`{"params/img/kernel": shape}`; dict keys, attributes and indices all print alike."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return {name: tuple(leaf.shape) for name, leaf in pytrees.named_leaves(tree).items()}
 
 
 def _to_plain(tree: Any) -> Any:
@@ -83,14 +78,22 @@ class Checkpointer:
   """Saves and restores `(train_state, grain_iterator)` under `directory/<step>/`."""
 
   def __init__(
-    self, directory: str, keep: int = 3, keep_period: int | None = None, async_save: bool = True
+    self,
+    directory: str,
+    keep: int = 3,
+    keep_period: int | None = None,
+    async_save: bool = True,
+    create: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    """Opens (with `create`, creates) the checkpoint directory; `create=False` opens it read-only
+    (another run's checkpoints, which this process must never change)."""
+    self.directory = workdir_lib.as_path(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       keep_period=keep_period or None,
       enable_async_checkpointing=async_save,
-      create=True,
+      create=create,
+      read_only=not create,
     )
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -142,8 +145,36 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
     return restored[STATE]["params"]
 
+  def restore_subtree(self, step: int, path: Sequence[str], abstract_subtree: Any) -> Any:
+    """Restores only `params/<path...>` of step `step` onto the shardings of `abstract_subtree`.
+
+    Args:
+      step: a step of this directory.
+      path: keys below the `params` collection, e.g. `("text_encoder",)`.
+      abstract_subtree: ShapeDtypeStructs (with `.sharding`) of the target sub-tree; names and
+        shapes must equal the stored ones.
+    """
+    stored = _to_plain(self._stored_state(step)).get("params", {})
+    stored = stored.get(pytrees.PARAMS, stored)
+    for key in path:
+      if not isinstance(stored, dict) or key not in stored:
+        raise IncompatibleCheckpointError(
+          f"{self._at(step)} has no parameters under {'/'.join(path)!r}"
+        )
+      stored = stored[key]
+    check_compatible(stored, _to_plain(abstract_subtree), f"{self._at(step)} ({'/'.join(path)})")
+    item = abstract_subtree
+    for key in reversed((pytrees.PARAMS, *path)):
+      item = {key: item}
+    args = _pytree_restore({"params": item}, partial=True)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    out = restored[STATE]["params"][pytrees.PARAMS]
+    for key in path:
+      out = out[key]
+    return out
+
   def _at(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(self.directory / str(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -6,8 +6,6 @@ Restores the parameters only (no optimizer state), runs every evaluator of `conf
 `<workdir>/eval_step<N>.json` and `.md` (or under --output_dir).
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,12 +27,13 @@ def evaluate(config, workdir: str, step: int | None = None, output_dir: str | No
 
   from vlalign import checkpoint as ckpt_lib
   from vlalign import trainer
+  from vlalign import workdir as workdir_lib
   from vlalign.evaluation import report
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS
+  if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(str(ckpt_dir), async_save=False, create=False)
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
@@ -48,7 +47,7 @@ def evaluate(config, workdir: str, step: int | None = None, output_dir: str | No
   params = ckpt.restore_params(step, setup.abstract_state.params)
   ckpt.close()
 
-  evaluators = trainer.build_evaluators(config, setup.model, setup.mesh, setup.tokenizer)
+  evaluators = trainer.build_evaluators(setup)
   results = {}
   with jax.set_mesh(setup.mesh):
     for name, ev in evaluators.items():
@@ -57,7 +56,6 @@ def evaluate(config, workdir: str, step: int | None = None, output_dir: str | No
   paths = None
   if jax.process_index() == 0:
     out = output_dir or workdir
-    os.makedirs(out, exist_ok=True)
     paths = report.write_report(results, out, step, header=f"{config.get('name', '')} {workdir}")
   return step, results, paths
 
@@ -67,8 +65,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   step, _, paths = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _OUTPUT_DIR.value)
   if paths:
-    with open(paths[1]) as f:
-      print(f.read())
+    from etils import epath
+
+    print(epath.Path(paths[1]).read_text())
     print(f"step {step}: wrote {paths[0]} and {paths[1]}")
 
 

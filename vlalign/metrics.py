@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from vlalign import workdir as workdir_lib
+
 
 class NonFiniteError(RuntimeError):
   """Raised when a logged loss or gradient norm is NaN or Inf."""
@@ -66,24 +68,32 @@ class Progress:
 class MetricWriter:
   """Writes `{step, **metrics}` lines to `workdir/metrics.jsonl` and TensorBoard; process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    workdir = workdir_lib.as_path(workdir)
+    self.path = workdir / workdir_lib.METRICS
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter
+      workdir.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        self._tb = _tensorboard_writer(os.fspath(workdir / "tb"))
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:  # TensorBoard is optional.
-        logging.warning("tensorboardX not installed: metrics go to JSONL only")
+  def drop_after(self, step: int) -> int:
+    """Removes the rows of steps after `step` (logged by a run that crashed before its next
+    checkpoint), so that a resumed run never logs a step twice. Returns how many were dropped."""
+    if not self.enabled or not self.path.exists():
+      return 0
+    lines = self.path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if not line.strip() or json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+      workdir_lib.write_text(self.path, "".join(keep))
+      logging.info("dropped %d rows after step %d from %s", len(lines) - len(keep), step, self.path)
+    return len(lines) - len(keep)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    workdir_lib.append_text(self.path, json.dumps({"step": step, **metrics}) + "\n")
     if self._tb is not None:
       for key, value in metrics.items():
         self._tb.add_scalar(key, value, step)
@@ -94,9 +104,26 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict[str, float]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _tensorboard_writer(logdir: str) -> Any:
+  """A tensorboardX SummaryWriter, or None (with a warning) where it cannot write: tensorboardX
+  missing, or a bucket it has no client library for (it writes gs:// with google-cloud-storage
+  and s3:// with boto3)."""
+  scheme = logdir.split("://")[0] if workdir_lib.is_uri(logdir) else None
+  if scheme not in (None, "gs", "s3"):
+    logging.warning("TensorBoard cannot write to %s: metrics go to JSONL only", logdir)
+    return None
+  try:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir)
+  except ImportError as e:  # TensorBoard (or its bucket client) is optional.
+    logging.warning("no TensorBoard events (%s): metrics go to JSONL only", e)
+    return None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
+  text = workdir_lib.as_path(path).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:

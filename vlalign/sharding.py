@@ -6,6 +6,7 @@ least `min_size` elements is split along its largest dimension that the 'fsdp' a
 other array is replicated.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -83,3 +84,22 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     raise ValueError(
       f"batch_size={global_batch_size} is not divisible by {jax.process_count()} processes"
     )
+
+
+def host_fn(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn(params, *arrays)` jitted on `mesh` for host callers: numpy in, numpy (pytrees) out.
+
+  Array arguments are split over the devices along their leading axis when it divides the
+  device count (else replicated); outputs come back replicated, then to the host.
+  """
+  jitted = jax.jit(fn, out_shardings=replicated(mesh))
+  shards = num_batch_shards(mesh)
+
+  def put(x: np.ndarray) -> jax.Array:
+    target = batch_sharding(mesh) if len(x) % shards == 0 else replicated(mesh)
+    return jax.device_put(x, target)
+
+  def call(params: Any, *arrays: np.ndarray) -> Any:
+    return jax.device_get(jitted(params, *(put(np.asarray(a)) for a in arrays)))
+
+  return call

@@ -43,8 +43,8 @@ def run_sharded_and_single(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any
 
 
 def synthetic_batch(spec: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
-  """Random host inputs matching `trainer.input_spec`: normal images, all-real text of word ids
-  (>= 5, past the special tokens), unique image ids."""
+  """Random host inputs matching `pipeline.train_batch_spec`: normal images, all-real text of word
+  ids (>= 5, past the special tokens), unique image ids."""
   rng = np.random.default_rng(seed)
   batch = {}
   for key, s in spec.items():
@@ -57,3 +57,29 @@ def synthetic_batch(spec: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray
     else:
       batch[key] = rng.integers(5, 60, size=s.shape).astype(s.dtype)
   return batch
+
+
+def loss_context(flat: dict[str, Any] | None = None, batch: dict[str, Any] | None = None, **fields):
+  """A `LossContext` from one flat dict, the way tests write a teacher's state: keys `queue/*` go
+  to `extras`, `alpha` to `schedules`, `mlm_ids` / `mlm_labels` to `inputs`, the rest to `teacher`
+  (None when nothing is left). `fields` set other `LossContext` fields (e.g. `step`)."""
+  from vlalign import losses
+
+  teacher, extras, schedules, inputs = {}, {}, {}, {}
+  for key, value in (flat or {}).items():
+    if key.startswith("queue/"):
+      extras[key] = value
+    elif key == "alpha":
+      schedules[key] = value
+    elif key in ("mlm_ids", "mlm_labels"):
+      inputs[key] = value
+    else:
+      teacher[key] = value
+  return losses.context(
+    batch=batch or {},
+    teacher=teacher or None,
+    extras=extras,
+    schedules=schedules,
+    inputs=inputs,
+    **fields,
+  )

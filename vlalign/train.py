@@ -60,6 +60,7 @@ def main(argv):
   )
   if _DRY_RUN.value:
     setup = trainer.build(_CONFIG.value)
+    print(trainer.describe_params(setup.abstract_state.params, setup.frozen))
     memory = trainer.log_memory_analysis(trainer.lower_step(setup).compile())
     print(f"compiled {_CONFIG.value.get('name', '')}: per-device memory (MiB) {memory}")
     return

@@ -1,10 +1,11 @@
 """The training loop: sharded state, jitted step, checkpoints, periodic evaluation, metrics.
 
 `train_and_evaluate(config, workdir)` is the library entry point; `vlalign.train` is its binary.
+Nothing here depends on the method: what a method adds (state, hooks, prediction functions) comes
+through `vlalign.methods`, what a loss reads through `vlalign.losses.LossContext`.
 """
 
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -17,137 +18,123 @@ import numpy as np
 from absl import logging
 
 from vlalign import checkpoint as ckpt_lib
-from vlalign import evaluation, optim, sharding
+from vlalign import evaluation, optim, pytrees, registry, sharding, weights
+from vlalign import losses as losses_lib
 from vlalign import metrics as metrics_lib
 from vlalign import step as step_lib
+from vlalign import workdir as workdir_lib
 from vlalign.data import pipeline
 from vlalign.data.tokenizer import build_tokenizer
 from vlalign.evaluation import report
-from vlalign.models.model import build_model
+from vlalign.methods import build_method
+from vlalign.models import build_model
 
-REQUIRED_FIELDS = ("total_steps", "batch_size", "model", "data", "optim", "losses", "mesh")
+REQUIRED_FIELDS = (
+  "method",
+  "total_steps",
+  "batch_size",
+  "model",
+  "data",
+  "optim",
+  "losses",
+  "mesh",
+)
+# Top-level fields every run may have; a method adds the sections it reads (`config_fields`).
+GENERIC_FIELDS = (
+  *REQUIRED_FIELDS,
+  "name",
+  "variant",
+  "seed",
+  "log_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "keep_period",
+  "eval_batch_size",
+  "evals",
+  "init",
+  "imports",
+)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for configs that cannot run, before anything is built."""
+  """Clear errors for configs that cannot run, before anything is built (generic fields only;
+  the method validates its own sections)."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f"config lacks required fields: {missing}")
   for field in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
     if int(config.get(field, 1)) <= 0:
       raise ValueError(f"config.{field}={config.get(field)} must be > 0")
-  teacher = config.get("teacher")
-  if teacher is not None:
-    queue_size, batch_size = int(teacher.queue_size), int(config.batch_size)
-    if queue_size <= 0 or queue_size % batch_size:
-      raise ValueError(
-        f"config.teacher.queue_size={queue_size} must be a positive multiple of the global batch "
-        f"size {batch_size} (each step writes one global batch of teacher features)"
-      )
-    if not 0.0 <= float(teacher.momentum) <= 1.0:
-      raise ValueError(f"config.teacher.momentum={teacher.momentum} must be in [0, 1]")
-    image_key, batch_keys = (
-      teacher.get("image_key", "image"),
-      pipeline.train_batch_keys(config.data),
+
+
+def check_sections(config: ml_collections.ConfigDict, method: Any) -> None:
+  """A top-level config field that neither the run nor its method reads is an error."""
+  known = set(GENERIC_FIELDS) | set(method.config_fields)
+  unused = sorted(k for k in config if k not in known and config[k] is not None)
+  if unused:
+    raise ValueError(
+      f"config fields {unused} are not read by method {config.method!r} (it reads "
+      f"{sorted(method.config_fields) or 'no extra section'}); remove them or pick the method "
+      "that uses them"
     )
-    if image_key not in batch_keys:
-      raise ValueError(
-        f"config.teacher.image_key={image_key!r} is not a key of the train batch "
-        f"{batch_keys}; the second view 'image_aug' needs "
-        "config.data.augment_views=2"
-      )
-  if config.get("mlm") is not None and config.model.get("name") != "albef":
-    raise ValueError("config.mlm needs a model with an MLM head: set config.model.name='albef'")
-
-
-def resolve_mlm(config: ml_collections.ConfigDict, tokenizer: Any) -> ml_collections.ConfigDict:
-  """A copy of `config` whose `mlm` has the tokenizer's `mask_id` and `special_ids` ([CLS],
-  [PAD]: the ids ALBEF never masks); ids a config sets must agree with the tokenizer."""
-  if config.get("mlm") is None:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  want = {"mask_id": tokenizer.mask_id, "special_ids": (tokenizer.cls_id, tokenizer.pad_id)}
-  for key, value in want.items():
-    given = config.mlm.get(key)
-    if given is not None and (tuple(given) if isinstance(value, tuple) else given) != value:
-      raise ValueError(f"config.mlm.{key}={given} disagrees with the tokenizer's {value}")
-    config.mlm[key] = value
-  return config
-
-
-def input_spec(
-  config: ml_collections.ConfigDict, batch_size: int
-) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global shapes and dtypes of a batch of the input pipeline (see docs/architecture.md)."""
-  size, length = int(config.data.image_size), int(config.data.max_len)
-  image = jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32)
-  specs = {
-    "image": image,
-    "image_aug": image,
-    "text_ids": jax.ShapeDtypeStruct((batch_size, length), np.int32),
-    "text_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
-    "image_id": jax.ShapeDtypeStruct((batch_size,), np.int32),
-  }
-  return {key: specs[key] for key in pipeline.train_batch_keys(config.data)}
-
-
-def check_batch(local: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
-  """Clear error when the pipeline's batch does not match what the step was compiled for."""
-  per_process = spec["image"].shape[0] // jax.process_count()
-  for key, want in spec.items():
-    got = local.get(key)
-    if got is None or tuple(got.shape) != (per_process, *want.shape[1:]) or got.dtype != want.dtype:
-      desc = None if got is None else (tuple(got.shape), str(got.dtype))
-      raise ValueError(f"input batch[{key!r}] is {desc}, the step expects {want} per process")
-
-
-def make_init_fn(model, tx, spec: dict[str, Any], config=None) -> Callable[[jax.Array], Any]:
-  """`init(rng) -> TrainState`, building dummy inputs inside so that jit sees no host data."""
-
-  def init(rng):
-    dummy = {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in spec.items()}
-    return step_lib.init_state(model, tx, dummy, rng, config)
-
-  return init
 
 
 class Setup(NamedTuple):
   """What a run is built from: everything but data and state values."""
 
-  config: Any  # the config the step was built from (`resolve_mlm` applied)
+  config: Any
   mesh: Any
   tokenizer: Any
   model: Any
+  method: Any
   tx: Any
   schedule: Any
-  spec: dict[str, Any]
+  spec: dict[str, Any]  # global ShapeDtypeStructs of a train batch
+  frozen: Any  # boolean pytree like the params (True: never updated), or None
   abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
   state_shardings: Any
-  init_fn: Callable[[jax.Array], Any]
-  train_step: Any  # jitted, not yet compiled
+  init_params: Callable[[jax.Array], Any]
+  init_state: Callable[[Any, jax.Array], Any]
+  step_fn: Callable[..., Any]  # the pure `train_step(state, batch)`, not jitted
+  train_step: Any  # `step_fn` jitted with the shardings and donation, not yet compiled
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
-  """Validates the config and builds mesh, tokenizer, model, optimizer, abstract state and step."""
+  """Validates the config and builds mesh, tokenizer, model, method, optimizer, abstract state and
+  the jitted step."""
+  registry.import_modules(config.get("imports") or ())
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   tokenizer = build_tokenizer(config.data)
-  if tokenizer.vocab_size > config.model.text.vocab_size:
+  vocab_size = config.model.text.get("vocab_size")
+  if vocab_size is not None and tokenizer.vocab_size > vocab_size:
     raise ValueError(
       f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size="
-      f"{config.model.text.vocab_size}; raise model.text.vocab_size"
+      f"{vocab_size}; raise model.text.vocab_size"
     )
-  config = resolve_mlm(config, tokenizer)
   model = build_model(config.model)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  spec = input_spec(config, config.batch_size)
-  init_fn = make_init_fn(model, tx, spec, config)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  method = build_method(config, model, tokenizer)
+  check_sections(config, method)
+  weights.check_init_config(config.get("init"))
+  loss_entries = losses_lib.parse_entries(config.losses)
+  spec = pipeline.train_batch_spec(config.data, config.batch_size)
+
+  def example_batch():
+    return {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in spec.items()}
+
+  init_params = step_lib.make_params_init(model, example_batch)
+  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  frozen_patterns = (*config.optim.get("frozen", ()), *method.frozen_patterns())
+  frozen = optim.frozen_mask(abstract_params, frozen_patterns)
+  tx, schedule = optim.make_optimizer(config.optim, int(config.total_steps), frozen)
+  init_state = step_lib.make_state_init(method, tx)
+  abstract = jax.eval_shape(init_state, abstract_params, jax.random.PRNGKey(0))
   state_shardings = sharding.state_shardings(abstract, mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in spec}
+  step_fn = step_lib.make_train_step(method, tx, loss_entries, schedule, frozen)
   train_step = jax.jit(
-    step_lib.make_train_step(model, tx, config, schedule),
+    step_fn,
     in_shardings=(state_shardings, batch_shardings),
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -157,14 +144,48 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     mesh=mesh,
     tokenizer=tokenizer,
     model=model,
+    method=method,
     tx=tx,
     schedule=schedule,
     spec=spec,
+    frozen=frozen,
     abstract_state=ckpt_lib.abstract_with_shardings(abstract, state_shardings),
     state_shardings=state_shardings,
-    init_fn=init_fn,
+    init_params=init_params,
+    init_state=init_state,
+    step_fn=step_fn,
     train_step=train_step,
   )
+
+
+def fresh_state(setup: Setup, rng: jax.Array) -> Any:
+  """A new TrainState on its shardings: parameters initialised (and replaced where `config.init`
+  says), then the optimizer state and the method's extras made from them."""
+  param_shardings = setup.state_shardings.params
+  params = jax.jit(setup.init_params, out_shardings=param_shardings)(rng)
+  params = weights.apply_init(setup.config.get("init"), params, setup.abstract_state.params)
+  make_state = jax.jit(setup.init_state, out_shardings=setup.state_shardings, donate_argnums=(0,))
+  return make_state(params, rng)
+
+
+def describe_params(abstract_params: Any, frozen: Any) -> str:
+  """`"12.34M parameters, 10.00M trainable; frozen: text_encoder (2.34M)"`: the frozen part by
+  top-level sub-tree."""
+  named = pytrees.named_leaves(abstract_params)
+  flags = jax.tree.leaves(frozen) if frozen is not None else [False] * len(named)
+  total, frozen_by_tree = 0, {}
+  for (name, leaf), is_frozen in zip(named.items(), flags, strict=True):
+    size = int(np.prod(leaf.shape))
+    total += size
+    if is_frozen:
+      top = pytrees.param_name(name).split("/")[0]
+      frozen_by_tree[top] = frozen_by_tree.get(top, 0) + size
+  frozen_total = sum(frozen_by_tree.values())
+  line = f"{total / 1e6:.2f}M parameters, {(total - frozen_total) / 1e6:.2f}M trainable"
+  if frozen_by_tree:
+    parts = ", ".join(f"{k} ({v / 1e6:.2f}M)" for k, v in frozen_by_tree.items())
+    line += f"; frozen: {parts}"
+  return line
 
 
 def lower_step(setup: Setup) -> Any:
@@ -194,92 +215,32 @@ def log_memory_analysis(compiled: Any) -> dict[str, float]:
   return mib
 
 
-class EncodeFns:
-  """Jitted, mesh-aware model functions for evaluators: host numpy in, host numpy out.
-
-  `image` / `text` give `[B, E]` embeddings. Models with an ITM head (`fuse`, `itm_logits`) also
-  get `image_tokens` / `text_tokens` (embeddings plus the tokens the fusion encoder reads) and
-  `itm_score` (the "match" logit of each pair), for the `retrieval_itm` evaluator.
-  """
-
-  def __init__(self, model, mesh):
-    cls = type(model)
-    rep = sharding.replicated(mesh)
-    self._mesh = mesh
-    self.has_itm = hasattr(cls, "itm_logits")
-
-    def image_outputs(p, images):
-      return model.apply(p, images, method=cls.encode_image)
-
-    def text_outputs(p, ids, mask):
-      return model.apply(p, ids, mask, method=cls.encode_text)
-
-    self._image = jax.jit(lambda p, x: image_outputs(p, x)["img/emb"], out_shardings=rep)
-    self._text = jax.jit(
-      lambda p, ids, mask: text_outputs(p, ids, mask)["txt/emb"], out_shardings=rep
-    )
-    if self.has_itm:
-
-      def with_image_tokens(p, images):
-        out = image_outputs(p, images)
-        return out["img/emb"], out["img/all_tokens"]
-
-      def with_text_tokens(p, ids, mask):
-        out = text_outputs(p, ids, mask)
-        return out["txt/emb"], out["txt/tokens"]
-
-      def itm_score(p, image_tokens, text_tokens, text_mask):
-        def score(module):
-          return module.itm_logits(module.fuse(text_tokens, text_mask, image_tokens))[:, 1]
-
-        return model.apply(p, method=score)
-
-      self._image_tokens = jax.jit(with_image_tokens, out_shardings=rep)
-      self._text_tokens = jax.jit(with_text_tokens, out_shardings=rep)
-      self._itm_score = jax.jit(itm_score, out_shardings=rep)
-
-  def _put(self, x: np.ndarray) -> jax.Array:
-    n = sharding.num_batch_shards(self._mesh)
-    target = (
-      sharding.batch_sharding(self._mesh) if len(x) % n == 0 else sharding.replicated(self._mesh)
-    )
-    return jax.device_put(x, target)
-
-  def image(self, params, images: np.ndarray) -> np.ndarray:
-    return np.asarray(self._image(params, self._put(images)))
-
-  def text(self, params, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return np.asarray(self._text(params, self._put(ids), self._put(mask)))
-
-  def image_tokens(self, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(emb [B, E], tokens [B, 1+N, Di])`."""
-    return jax.device_get(self._image_tokens(params, self._put(images)))
-
-  def text_tokens(self, params, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(emb [B, E], tokens [B, L, Dt])`."""
-    return jax.device_get(self._text_tokens(params, self._put(ids), self._put(mask)))
-
-  def itm_score(self, params, image_tokens, text_tokens, text_mask) -> np.ndarray:
-    """`[n]` ITM "match" logits of the pairs (image_tokens[i], text_tokens[i])."""
-    args = (self._put(image_tokens), self._put(text_tokens), self._put(text_mask))
-    return np.asarray(self._itm_score(params, *args))
+def check_batch(local: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
+  """Clear error when the pipeline's batch does not match what the step was compiled for."""
+  global_batch = next(iter(spec.values())).shape[0]
+  per_process = global_batch // jax.process_count()
+  for key, want in spec.items():
+    got = local.get(key)
+    if got is None or tuple(got.shape) != (per_process, *want.shape[1:]) or got.dtype != want.dtype:
+      desc = None if got is None else (tuple(got.shape), str(got.dtype))
+      raise ValueError(f"input batch[{key!r}] is {desc}, the step expects {want} per process")
 
 
-def build_evaluators(config, model, mesh, tokenizer) -> dict[str, Any]:
+def build_evaluators(setup: Setup) -> dict[str, Any]:
+  """The evaluators of `config.evals`, calling the method's prediction functions on the mesh."""
+  config = setup.config
   if not config.get("evals"):
     return {}
-  encode = EncodeFns(model, mesh)
+  predict = {
+    name: sharding.host_fn(fn, setup.mesh) for name, fn in setup.method.predict_fns().items()
+  }
   batch_size = int(config.get("eval_batch_size", 256))
-  n = sharding.num_batch_shards(mesh)
+  n = sharding.num_batch_shards(setup.mesh)
   batch_size = max(n, batch_size - batch_size % n)
   return evaluation.build_evaluators(
     config.evals,
-    encode_image_fn=encode.image,
-    encode_text_fn=encode.text,
-    encode_image_tokens_fn=encode.image_tokens if encode.has_itm else None,
-    encode_text_tokens_fn=encode.text_tokens if encode.has_itm else None,
-    itm_score_fn=encode.itm_score if encode.has_itm else None,
-    tokenizer=tokenizer,
+    predict=predict,
+    tokenizer=setup.tokenizer,
     data_config=config.data,
     default_batch_size=batch_size,
   )
@@ -323,10 +284,57 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_config(config, workdir) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_text(workdir / workdir_lib.CONFIG, config.to_json_best_effort(indent=2))
+
+
+def _eval_results(final_metrics: dict[str, float], names) -> dict[str, dict[str, float]]:
+  """`{evaluator: {metric: value}}` from `eval/<evaluator>/<metric>` keys."""
+  return {
+    name: {k.split("/", 2)[2]: v for k, v in final_metrics.items() if k.startswith(f"eval/{name}/")}
+    for name in names
+  }
+
+
+def _finished_run(setup: Setup, workdir, step: int, params) -> dict[str, float]:
+  """A rerun of a run that already reached `total_steps`: its results stay as they are. Only if the
+  final results are missing (a crash after the last checkpoint) are they made, from `params`."""
+  final_path = workdir / workdir_lib.FINAL_METRICS
+  if final_path.exists():
+    logging.info("%s already finished at step %d; results in %s", workdir, step, final_path)
+    final = json.loads(final_path.read_text())
+    final.pop("step", None)
+    return final
+  logging.info("%s finished at step %d without final results: evaluating now", workdir, step)
+  final = _logged_metrics(workdir, step)
+  evaluators = build_evaluators(setup)
+  with jax.set_mesh(setup.mesh):
+    final.update(run_evaluators(evaluators, params, step, final=True))
+  _write_results(setup.config, workdir, step, final, evaluators)
+  return final
+
+
+def _logged_metrics(workdir, step: int) -> dict[str, float]:
+  """The train and perf metrics logged at `step` in the workdir's metrics file (if any)."""
+  path = workdir / workdir_lib.METRICS
+  rows = metrics_lib.read_jsonl(path) if path.exists() else []
+  logged = {}
+  for row in rows:
+    if row["step"] == step:
+      logged.update({k: v for k, v in row.items() if k.startswith(("train/", "perf/"))})
+  return logged
+
+
+def _write_results(config, workdir, step: int, final: dict[str, float], evaluators) -> None:
+  if jax.process_index() != 0:
+    return
+  if evaluators:
+    evals = _eval_results(final, evaluators)
+    paths = report.write_report(evals, workdir, step, header=f"{config.get('name', '')} {workdir}")
+    logging.info("wrote %s", paths)
+  payload = json.dumps({"step": step, **final}, indent=2, sort_keys=True)
+  workdir_lib.write_text(workdir / workdir_lib.FINAL_METRICS, payload)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -334,10 +342,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final metrics (last logged train metrics and final eval metrics).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_lib.as_path(workdir)
   setup = build(config)
   mesh = setup.mesh
-  os.makedirs(workdir, exist_ok=True)
+  logging.info("model %s: %s", type(setup.model).__name__, describe_params(
+    setup.abstract_state.params, setup.frozen))  # fmt: skip
+  workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
 
   train_ds = pipeline.make_train_dataset(
@@ -346,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_iter = iter(train_ds)
 
   ckpt = ckpt_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    str(workdir / workdir_lib.CHECKPOINTS),
     keep=int(config.get("keep_checkpoints", 3)),
     keep_period=int(config.get("keep_period", 0)) or None,
   )
@@ -355,22 +365,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = ckpt.restore(latest, setup.abstract_state, data_iter)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
   else:
-    rng = jax.random.PRNGKey(config.seed)
-    state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(rng)
+    state = fresh_state(setup, jax.random.PRNGKey(config.seed))
+  total = int(config.total_steps)
+  step = start_step = int(jax.device_get(state.step))
+  if step >= total:
+    ckpt.close()
+    return _finished_run(setup, workdir, step, state.params)
 
   compile_start = time.perf_counter()
   compiled_step = lower_step(setup).compile()
   logging.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
   log_memory_analysis(compiled_step)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
-  logging.info(
-    "model %s: %.2fM parameters", config.model.get("name", "two_tower"), num_params / 1e6
-  )
 
-  evaluators = build_evaluators(config, setup.model, mesh, setup.tokenizer)
-  writer = metrics_lib.MetricWriter(workdir)
-  total = int(config.total_steps)
-  step = start_step = int(jax.device_get(state.step))
+  evaluators = build_evaluators(setup)
+  writer = metrics_lib.MetricWriter(str(workdir))
+  writer.drop_after(step)
   progress = metrics_lib.Progress(total, config.batch_size, step)
   last_good = step
   final_metrics: dict[str, float] = {}
@@ -412,16 +421,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
 
-  if step == total and evaluators and jax.process_index() == 0:
-    evals = {
-      name: {
-        k.split("/", 2)[2]: v for k, v in final_metrics.items() if k.startswith(f"eval/{name}/")
-      }
-      for name in evaluators
-    }
-    paths = report.write_report(evals, workdir, step, header=f"{config.get('name', '')} {workdir}")
-    logging.info("wrote %s", paths)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"step": step, **final_metrics}, f, indent=2)
+  if step == total:
+    _write_results(config, workdir, step, final_metrics, evaluators)
   return final_metrics

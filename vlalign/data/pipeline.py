@@ -113,6 +113,20 @@ def train_batch_keys(data_config: Any) -> tuple[str, ...]:
   )
 
 
+def train_batch_spec(data_config: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of a train batch of `batch_size` (docs/architecture.md, "Batch")."""
+  size, length = int(data_config["image_size"]), int(data_config["max_len"])
+  image = jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32)
+  specs = {
+    "image": image,
+    T.SECOND_VIEW_KEY: image,
+    "text_ids": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+    "text_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+    "image_id": jax.ShapeDtypeStruct((batch_size,), np.int32),
+  }
+  return {key: specs[key] for key in train_batch_keys(data_config)}
+
+
 def _resolve_augment(
   data_config: Any, augment_fn: T.AugmentFn | None
 ) -> tuple[T.AugmentFn | None, str | None]:

@@ -8,9 +8,10 @@ decimals. In the JSON file non-finite numbers are written as `null`, so any JSON
 import json
 import math
 import numbers
-import os
 from collections.abc import Mapping
 from typing import Any
+
+from vlalign import workdir as workdir_lib
 
 Results = Mapping[str, Mapping[str, float]]
 
@@ -41,21 +42,29 @@ def _json_number(value: Any) -> Any:
   return value if math.isfinite(value) else None
 
 
-def write_report(results: Results, out_dir: str, step: int, header: str) -> tuple[str, str]:
-  """Writes `eval_step{step}.json` and `eval_step{step}.md` into `out_dir` (created if missing).
+def report_paths(out_dir: str, step: int, tag: str = "") -> tuple[Any, Any]:
+  """`(json path, md path)`: `eval_step{step}{tag}.json` and `.md` in `out_dir`."""
+  out = workdir_lib.as_path(out_dir)
+  return out / f"eval_step{step}{tag}.json", out / f"eval_step{step}{tag}.md"
+
+
+def write_report(
+  results: Results, out_dir: str, step: int, header: str, tag: str = ""
+) -> tuple[str, str]:
+  """Writes `eval_step{step}{tag}.json` and `.md` into `out_dir` (a local directory or a URI,
+  created if missing), each atomically.
 
   Args:
     results: `{evaluator name: {metric: value}}`.
     out_dir: the directory to write into.
     step: the train step the parameters come from.
     header: a title line for the markdown report (e.g. the config name and workdir).
+    tag: appended to the file names (e.g. `.override`), so other results are never overwritten.
 
   Returns:
     `(json_path, md_path)`.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, f"eval_step{step}.json")
-  md_path = os.path.join(out_dir, f"eval_step{step}.md")
+  json_path, md_path = report_paths(out_dir, step, tag)
   payload = {
     "step": int(step),
     "header": header,
@@ -63,10 +72,7 @@ def write_report(results: Results, out_dir: str, step: int, header: str) -> tupl
       name: {k: _json_number(v) for k, v in metrics.items()} for name, metrics in results.items()
     },
   }
-  with open(json_path, "w") as f:
-    json.dump(payload, f, indent=2, allow_nan=False)
-    f.write("\n")
+  workdir_lib.write_text(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
   title = f"# Evaluation at step {step}" + (f": {header.strip()}" if header.strip() else "")
-  with open(md_path, "w") as f:
-    f.write(f"{title}\n\n{markdown_table(results)}")
-  return json_path, md_path
+  workdir_lib.write_text(md_path, f"{title}\n\n{markdown_table(results)}")
+  return str(json_path), str(md_path)

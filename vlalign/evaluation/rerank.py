@@ -40,15 +40,14 @@ A similarity matrix with NaN or infinity makes every metric NaN (no ITM pass is 
 non-finite ITM score (the metrics of `retrieval_metrics` on a non-finite matrix).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
+from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.retrieval import (
   _CHUNK_ROWS,
   RetrievalEvaluator,
@@ -56,14 +55,11 @@ from vlalign.evaluation.retrieval import (
   retrieval_metrics,
 )
 
-if TYPE_CHECKING:
-  from vlalign.evaluation import EvalContext
-
 # The score of a candidate outside the top-k in ALBEF / TCL (the ceiling of ours, see above).
 REFERENCE_FILL = -100.0
 
-# Fields of `EvalContext` this evaluator needs on top of the shared ones.
-CONTEXT_FIELDS = ("encode_image_tokens_fn", "encode_text_tokens_fn", "itm_score_fn")
+# The method's prediction functions this evaluator needs (`Method.predict_fns`).
+PREDICT_FNS = ("encode_image_tokens", "encode_text_tokens", "itm_score")
 
 EncodeWithTokensFn = Callable[..., tuple[Any, Any]]
 ItmScoreFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray], Any]
@@ -353,29 +349,24 @@ class RerankRetrievalEvaluator(RetrievalEvaluator):
     return metrics
 
 
+@EVALUATORS.register("retrieval_itm")
 def build_retrieval_itm(name: str, settings: dict, ctx: EvalContext) -> RerankRetrievalEvaluator:
   """Builder for `type: "retrieval_itm"` (fields `split`, `every_steps`, `k`, `batch_size`,
   `ties`).
 
-  The model functions come from `ctx`: `encode_image_tokens_fn`, `encode_text_tokens_fn` and
-  `itm_score_fn` (the `CONTEXT_FIELDS`), with the signatures of `RerankRetrievalEvaluator`.
+  The model functions come from `ctx.predict`: `encode_image_tokens`, `encode_text_tokens` and
+  `itm_score` (`PREDICT_FNS`), with the signatures of `RerankRetrievalEvaluator`; a method whose
+  model has no ITM head provides none of them.
   """
-  from vlalign import evaluation  # Here: the package imports this module.
   from vlalign.data import pipeline
 
-  evaluation._check_keys(name, settings, {"split"}, evaluation._COMMON_OPTIONAL | {"k", "ties"})
-  missing = [f for f in CONTEXT_FIELDS if getattr(ctx, f, None) is None]
-  if missing:
-    raise ValueError(
-      f"evaluator {name!r} of type 'retrieval_itm' needs a model with an ITM head; the eval "
-      f"context has no {missing}"
-    )
+  check_keys(name, settings, {"split"}, {"k", "ties"})
+  kind = "retrieval_itm (a model with an ITM head)"
+  fns = [ctx.predict_fn(fn, name, kind) for fn in PREDICT_FNS]
   _check_k(settings.get("k", 16))
   return RerankRetrievalEvaluator(
     name,
-    ctx.encode_image_tokens_fn,
-    ctx.encode_text_tokens_fn,
-    ctx.itm_score_fn,
+    *fns,
     pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, settings["split"]),
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),

@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
+
 TIE_RULES = ("optimistic", "pessimistic")
 
 # Rows of the similarity matrix compared at once: bounds the [rows, N] boolean temporaries.
@@ -256,3 +258,20 @@ class RetrievalEvaluator:
     """Embeds the split with `params` and returns `retrieval_metrics` (percent)."""
     sim = self.embed_images(params) @ self.embed_texts(params).T  # [N_img, N_txt]
     return retrieval_metrics(sim, self.txt2img, self.img2txt, self.ks, self.ties)
+
+
+@EVALUATORS.register("retrieval")
+def build_retrieval(name: str, settings: dict, ctx: EvalContext) -> RetrievalEvaluator:
+  """Builder for `type: "retrieval"` (fields `split`, `ties`, `every_steps`, `batch_size`)."""
+  check_keys(name, settings, {"split"}, {"ties"})
+  from vlalign.data import pipeline  # Imported here: evaluators need no data code until built.
+
+  return RetrievalEvaluator(
+    name,
+    ctx.predict_fn("encode_image", name, "retrieval"),
+    ctx.predict_fn("encode_text", name, "retrieval"),
+    pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, settings["split"]),
+    batch_size=settings.get("batch_size", ctx.default_batch_size),
+    every_steps=settings.get("every_steps", 0),
+    ties=settings.get("ties", "pessimistic"),
+  )

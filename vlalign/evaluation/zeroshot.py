@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.retrieval import embed_in_batches
 
 
@@ -141,3 +142,22 @@ class ZeroShotEvaluator:
       "acc": top1_accuracy(image_emb, class_emb, self.labels),
       "chance": 100.0 / len(self.class_names),
     }
+
+
+@EVALUATORS.register("zeroshot")
+def build_zeroshot(name: str, settings: dict, ctx: EvalContext) -> ZeroShotEvaluator:
+  """Builder for `type: "zeroshot"` (fields `split`, `task`, `max_len`, `every_steps`,
+  `batch_size`)."""
+  check_keys(name, settings, {"split", "task"}, {"max_len"})
+  from vlalign.data import pipeline
+
+  return ZeroShotEvaluator(
+    name,
+    ctx.predict_fn("encode_image", name, "zeroshot"),
+    ctx.predict_fn("encode_text", name, "zeroshot"),
+    ctx.tokenizer,
+    pipeline.make_zeroshot_data(ctx.data_config, settings["split"], settings["task"]),
+    batch_size=settings.get("batch_size", ctx.default_batch_size),
+    every_steps=settings.get("every_steps", 0),
+    max_len=settings["max_len"] if "max_len" in settings else ctx.data_config["max_len"],
+  )

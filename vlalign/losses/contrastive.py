@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import Metrics, register
+from vlalign.losses import LossContext, Metrics, register
 
 CLIP_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned scale at 100.
 
@@ -37,16 +37,13 @@ def similarity(outputs: dict[str, jax.Array]) -> jax.Array:
 
 @register("itc")
 def itc(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, jax.Array] | None,
-  batch: dict[str, jax.Array],
-  max_logit_scale: float = CLIP_MAX_LOGIT_SCALE,
+  outputs: dict[str, jax.Array], ctx: LossContext, max_logit_scale: float = CLIP_MAX_LOGIT_SCALE
 ) -> tuple[jax.Array, Metrics]:
   """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies.
 
   logits = exp(min(logit_scale, max_logit_scale)) * img_emb @ txt_emb.T, targets the diagonal.
   """
-  del teacher, batch
+  del ctx
   scale = jnp.exp(jnp.minimum(outputs["logit_scale"], max_logit_scale))
   logits = scale * similarity(outputs)
   labels = jnp.arange(logits.shape[0])
@@ -66,17 +63,13 @@ def itc(
 
 
 @register("siglip")
-def siglip(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, jax.Array] | None,
-  batch: dict[str, jax.Array],
-) -> tuple[jax.Array, Metrics]:
+def siglip(outputs: dict[str, jax.Array], ctx: LossContext) -> tuple[jax.Array, Metrics]:
   """Pairwise sigmoid loss (SigLIP).
 
   logits = exp(logit_scale) * img_emb @ txt_emb.T + logit_bias, z_ij = +1 if i == j else -1,
   loss = -1/B * sum_ij log sigmoid(z_ij * logits_ij).
   """
-  del teacher, batch
+  del ctx
   if "logit_bias" not in outputs:
     raise ValueError("siglip needs a learnable bias: set model.logit_bias_init (e.g. -10.0)")
   scale = jnp.exp(outputs["logit_scale"])

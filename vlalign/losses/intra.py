@@ -25,42 +25,29 @@ Decisions where the reference is silent: none beyond those of `momentum` and `lo
 (`models/model_retrieval.py`: every column with the same image id), for all four global terms.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import Metrics, register
+from vlalign.losses import LossContext, Metrics, register, require
 from vlalign.losses.local_mi import lmi_terms
 from vlalign.losses.momentum import (
   clamped_temperature,
   cma_terms,
-  hard_positives,
-  require_teacher,
+  positives_for,
   soft_cross_entropy,
   with_queue,
 )
 
 
 def imc_terms(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any],
-  batch: dict[str, jax.Array],
-  match_image_id: bool = False,
+  outputs: dict[str, jax.Array], ctx: LossContext, match_image_id: bool = False
 ) -> dict[str, jax.Array]:
   """`{"i2i", "t2t", "temperature"}`, each `[]` (see the module docstring)."""
-  require_teacher(teacher, ("img/emb", "txt/emb", "queue/img", "queue/txt"), "imc")
+  require(ctx, "imc", teacher=("img/emb", "txt/emb"), extras=("queue/img", "queue/txt"))
   tau = clamped_temperature(outputs["logit_scale"])
-  img_all = with_queue(teacher, "img/emb", "queue/img")
-  txt_all = with_queue(teacher, "txt/emb", "queue/txt")
-  batch_size = outputs["img/emb"].shape[0]
-  if match_image_id:
-    require_teacher(teacher, ("queue/image_id",), "imc(match_image_id=True)")
-    targets = hard_positives(
-      batch_size, img_all.shape[0], batch["image_id"], teacher["queue/image_id"]
-    )
-  else:
-    targets = hard_positives(batch_size, img_all.shape[0])
+  img_all = with_queue(ctx, "img/emb", "queue/img")
+  txt_all = with_queue(ctx, "txt/emb", "queue/txt")
+  targets = positives_for(ctx, img_all.shape[0], match_image_id, "imc")
   img = outputs["img/emb"].astype(jnp.float32)
   txt = outputs["txt/emb"].astype(jnp.float32)
   i2i = jnp.mean(soft_cross_entropy(img @ img_all.T / tau, targets))
@@ -70,28 +57,21 @@ def imc_terms(
 
 @register("imc")
 def imc(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any] | None,
-  batch: dict[str, jax.Array],
-  match_image_id: bool = False,
+  outputs: dict[str, jax.Array], ctx: LossContext, match_image_id: bool = False
 ) -> tuple[jax.Array, Metrics]:
-  """Intra-modal contrast: student `img/emb`, `txt/emb` `[B, E]` vs teacher `img/emb`, `txt/emb`
-  `[B, E]` and `queue/img`, `queue/txt` `[K, E]`, hard targets.
+  """Intra-modal contrast: student `img/emb`, `txt/emb` `[B, E]` vs `ctx.teacher` `img/emb`,
+  `txt/emb` `[B, E]` and `ctx.extras` `queue/img`, `queue/txt` `[K, E]`, hard targets.
 
   Returns:
     `((i2i + t2t) / 2, {"i2i", "t2t", "temperature"})`.
   """
-  terms = imc_terms(outputs, teacher, batch, match_image_id)
+  terms = imc_terms(outputs, ctx, match_image_id)
   return 0.5 * (terms["i2i"] + terms["t2t"]), terms
 
 
 @register("tcl_ita")
 def tcl_ita(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any] | None,
-  batch: dict[str, jax.Array],
-  grid: int = 4,
-  match_image_id: bool = False,
+  outputs: dict[str, jax.Array], ctx: LossContext, grid: int = 4, match_image_id: bool = False
 ) -> tuple[jax.Array, Metrics]:
   """TCL `loss_ita`: the mean of i2t, t2i, i2i, t2t, lmi_img and lmi_txt.
 
@@ -100,10 +80,9 @@ def tcl_ita(
   Returns:
     `(mean of the six, {"i2t", "t2i", "i2i", "t2t", "lmi_img", "lmi_txt", "temperature"})`.
   """
-  require_teacher(teacher, ("alpha", "img/tokens_emb", "txt/tokens_emb"), "tcl_ita")
-  cross = cma_terms(outputs, teacher, batch, match_image_id)
-  intra = imc_terms(outputs, teacher, batch, match_image_id)
-  local = lmi_terms(outputs, teacher, batch, grid)
+  cross = cma_terms(outputs, ctx, match_image_id)
+  intra = imc_terms(outputs, ctx, match_image_id)
+  local = lmi_terms(outputs, ctx, grid)
   metrics = {
     "i2t": cross["i2t"],
     "t2i": cross["t2i"],

@@ -36,13 +36,12 @@ Decisions where the reference is silent or does not apply:
 """
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import Metrics, register
-from vlalign.losses.momentum import clamped_temperature, require_teacher, teacher_array
+from vlalign.losses import LossContext, Metrics, register, require
+from vlalign.losses.momentum import clamped_temperature, teacher_array
 
 _EXCLUDED_LOGIT = -1e9
 
@@ -103,17 +102,14 @@ def in_batch_g2l_loss(
 
 
 def lmi_terms(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any],
-  batch: dict[str, jax.Array],
-  grid: int = 4,
+  outputs: dict[str, jax.Array], ctx: LossContext, grid: int = 4
 ) -> dict[str, jax.Array]:
   """`{"img", "txt"}`: the image and text LMI terms, each `[]`."""
-  require_teacher(teacher, ("img/tokens_emb", "txt/tokens_emb"), "lmi")
+  require(ctx, "lmi", teacher=("img/tokens_emb", "txt/tokens_emb"))
   tau = clamped_temperature(outputs["logit_scale"])
-  img_locals = pool_patches(teacher_array(teacher, "img/tokens_emb"), grid)
-  txt_locals = teacher_array(teacher, "txt/tokens_emb")[:, 1:]
-  txt_valid = batch["text_mask"][:, 1:]
+  img_locals = pool_patches(teacher_array(ctx, "img/tokens_emb"), grid)
+  txt_locals = teacher_array(ctx, "txt/tokens_emb")[:, 1:]
+  txt_valid = ctx.batch["text_mask"][:, 1:]
   return {
     "img": in_batch_g2l_loss(img_locals, outputs["img/emb"], tau),
     "txt": in_batch_g2l_loss(txt_locals, outputs["txt/emb"], tau, txt_valid),
@@ -122,16 +118,14 @@ def lmi_terms(
 
 @register("lmi")
 def lmi(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any] | None,
-  batch: dict[str, jax.Array],
-  grid: int = 4,
+  outputs: dict[str, jax.Array], ctx: LossContext, grid: int = 4
 ) -> tuple[jax.Array, Metrics]:
-  """TCL local MI: student `img/emb`, `txt/emb` `[B, E]` vs teacher `img/tokens_emb` `[B, N, E]`
-  (pooled to grid x grid) and `txt/tokens_emb` `[B, L, E]` (after CLS, padding masked).
+  """TCL local MI: student `img/emb`, `txt/emb` `[B, E]` vs `ctx.teacher` `img/tokens_emb`
+  `[B, N, E]` (pooled to grid x grid) and `txt/tokens_emb` `[B, L, E]` (after CLS, padding
+  masked by `ctx.batch["text_mask"]`).
 
   Returns:
     `((img + txt) / 2, {"img", "txt"})`.
   """
-  terms = lmi_terms(outputs, teacher, batch, grid)
+  terms = lmi_terms(outputs, ctx, grid)
   return 0.5 * (terms["img"] + terms["txt"]), terms

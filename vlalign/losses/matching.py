@@ -1,8 +1,9 @@
 """ALBEF/TCL fusion-encoder losses: ITM hard-negative sampling and loss, MLM masking and loss.
 
 The registered losses `itm` and `mlm` read what the fusion passes of `ALBEFModel` put in the
-outputs (`itm/logits` `[3B, 2]`, `mlm/logits` `[B, L, V]`); the train step masks the text
-(`mask_tokens`) and hands the model the teacher embeddings the hard negatives are sampled from.
+outputs (`itm/logits` `[3B, 2]`, `mlm/logits` `[B, L, V]`); the momentum-distillation method
+(`vlalign/methods/momentum.py`) masks the text (`mask_tokens`, into `ctx.inputs`) and samples the
+hard negatives (`sample_hard_negatives`) from the student's and the teacher's embeddings.
 
 Reference: uta-smile/TCL `models/model_pretrain.py` (`ALBEF.forward`, `ALBEF.mask`),
 `models/model_retrieval.py` (`ALBEF.forward`: image-id mask), `models/xbert.py`
@@ -41,13 +42,11 @@ Decisions where the reference is silent or differs:
 """
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import Metrics, register
-from vlalign.losses.momentum import require_teacher
+from vlalign.losses import LossContext, Metrics, register, require, require_output
 
 IGNORE_LABEL = -100
 MASK_PROB_REPLACE = 0.8
@@ -182,24 +181,16 @@ def mlm_loss(
   return (1.0 - alpha) * hard + alpha * distill
 
 
-def _require_output(outputs: dict[str, jax.Array], key: str, loss: str, hint: str) -> jax.Array:
-  if key not in outputs:
-    raise ValueError(f"loss {loss!r} needs model output {key!r}: {hint}")
-  return outputs[key]
-
-
 @register("itm")
-def itm(
-  outputs: dict[str, jax.Array], teacher: dict[str, Any] | None, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, Metrics]:
+def itm(outputs: dict[str, jax.Array], ctx: LossContext) -> tuple[jax.Array, Metrics]:
   """Image-text matching on positives + hard negatives: `itm_loss(outputs["itm/logits"])`.
 
   Returns:
     `(loss, {"accuracy"})`, accuracy over the 3B pairs.
   """
-  del teacher, batch
-  hint = "use model.name='albef' with a config.teacher (hard negatives come from its embeddings)"
-  logits = _require_output(outputs, "itm/logits", "itm", hint)
+  del ctx
+  hint = "use model.name='albef' with method 'momentum' and a config.itm section"
+  logits = require_output(outputs, "itm/logits", "itm", hint)
   labels = itm_labels(logits.shape[0] // 3)
   accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   return itm_loss(logits, labels), {"accuracy": accuracy}
@@ -207,27 +198,24 @@ def itm(
 
 @register("mlm")
 def mlm(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any] | None,
-  batch: dict[str, jax.Array],
-  distill: bool = True,
+  outputs: dict[str, jax.Array], ctx: LossContext, distill: bool = True
 ) -> tuple[jax.Array, Metrics]:
   """Masked language modelling conditioned on the image, momentum-distilled when `distill`.
 
-  Reads `outputs["mlm/logits"]` `[B, L, V]`, `batch["mlm_labels"]` `[B, L]` and, with `distill`,
-  `teacher["mlm/logits"]` and `teacher["alpha"]`.
+  Reads `outputs["mlm/logits"]` `[B, L, V]`, `ctx.inputs["mlm_labels"]` `[B, L]` and, with
+  `distill`, `ctx.teacher["mlm/logits"]` and `ctx.schedules["alpha"]`.
 
   Returns:
     `(mlm_loss(...), {"accuracy"})`, accuracy of the student's argmax on the masked tokens.
   """
-  logits = _require_output(
-    outputs, "mlm/logits", "mlm", "use model.name='albef' with a config.mlm (masking settings)"
-  )
-  labels = batch["mlm_labels"]
+  hint = "use model.name='albef' with method 'momentum' and a config.mlm section (masking)"
+  logits = require_output(outputs, "mlm/logits", "mlm", hint)
+  require(ctx, "mlm", inputs=("mlm_labels",))
+  labels = ctx.inputs["mlm_labels"]
   teacher_logits, alpha = None, 0.0
   if distill:
-    require_teacher(teacher, ("mlm/logits", "alpha"), "mlm(distill=True)")
-    teacher_logits, alpha = teacher["mlm/logits"], teacher["alpha"]
+    require(ctx, "mlm(distill=True)", teacher=("mlm/logits",), schedules=("alpha",))
+    teacher_logits, alpha = ctx.teacher["mlm/logits"], ctx.schedules["alpha"]
   is_masked = labels != IGNORE_LABEL
   hits = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & is_masked)
   accuracy = hits / jnp.maximum(jnp.sum(is_masked), 1)

@@ -1,4 +1,9 @@
-"""ALBEF momentum distillation: EMA teacher, alpha ramp, feature queues, soft targets, and `cma`.
+"""ALBEF momentum distillation losses: soft targets and `cma` (against the feature queues).
+
+The EMA teacher, the alpha ramp and the queues themselves are state of the momentum-distillation
+method (`vlalign/methods/momentum.py`); the losses read them from the `LossContext`:
+`ctx.teacher` (teacher outputs), `ctx.extras["queue/img"]`, `ctx.extras["queue/txt"]` (and
+`"queue/image_id"`), `ctx.schedules["alpha"]`.
 
 Reference: salesforce/ALBEF and its TCL fork uta-smile/TCL, `models/model_pretrain.py` (class
 `ALBEF`), `Pretrain.py` (`train`) and `configs/Pretrain.yaml` (temp 0.07, queue_size 65536,
@@ -6,12 +11,6 @@ momentum 0.995, alpha 0.4).
 
 Equations (s = student, t = momentum teacher, tau = temperature, Q = queue):
 
-* EMA (`ALBEF._momentum_update`): theta_t <- m * theta_t + (1 - m) * theta_s.
-* Alpha ramp (`Pretrain.py: train`): alpha = alpha_max * min(1, i / iters_per_epoch) in epoch 0 and
-  alpha_max afterwards; with a global 0-based step counter that is
-  alpha_max * min(1, step / steps_per_epoch) for every step.
-* Queue (`ALBEF._dequeue_and_enqueue`): the all-gathered (global) teacher features of the batch
-  overwrite rows [ptr, ptr + B) and ptr <- (ptr + B) mod K; the reference asserts K % B == 0.
 * Soft targets (`ALBEF.forward`): y = alpha * softmax(sim_t) + (1 - alpha) * y_hard.
 * CMA / ALBEF ITA (`ALBEF.forward`, `loss_i2t` and `loss_t2i`), with
   T_all = [t_txt | Q_txt] and I_all = [t_img | Q_img] (`[B + K, E]`):
@@ -33,75 +32,18 @@ Decisions where the reference is silent or does not apply:
 
 * Teacher outputs and queues are wrapped in `stop_gradient` (the reference builds them under
   `torch.no_grad`).
-* `ema_update` is meant to run after the optimizer update of each step. The reference runs it at
-  the start of the next forward with the same student parameters, so each step sees the same
-  teacher (the reference's update in step 0 is a no-op: the teacher starts as a student copy).
-* `enqueue` reduces `ptr` modulo K before writing, so a pointer past the end wraps.
 * `cma(..., match_image_id=True)` uses the retrieval fine-tuning targets of
   `models/model_retrieval.py` (positives = every column with the same `image_id`, normalised; needs
-  `teacher["queue/image_id"]` `[K]`); the default is the pre-training one-hot diagonal.
+  `ctx.extras["queue/image_id"]` `[K]`); the default is the pre-training one-hot diagonal.
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import Metrics, register
+from vlalign.losses import LossContext, Metrics, register, require
 
 TEMPERATURE_MIN = 0.001
 TEMPERATURE_MAX = 0.5
-
-
-def ema_update(teacher_params: Any, student_params: Any, momentum: float | jax.Array) -> Any:
-  """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, leaf by leaf (teacher dtypes)."""
-
-  def blend(t, s):
-    return (momentum * t + (1.0 - momentum) * s).astype(t.dtype)
-
-  return jax.tree.map(blend, teacher_params, jax.lax.stop_gradient(student_params))
-
-
-def alpha_at(step: int | jax.Array, steps_per_epoch: int, alpha_max: float = 0.4) -> jax.Array:
-  """Distillation weight: linear ramp 0 -> alpha_max over the first epoch, then constant.
-
-  Args:
-    step: 0-based index of the current update (`TrainState.step` before it is incremented).
-    steps_per_epoch: updates per epoch (`len(data_loader)` in the reference).
-    alpha_max: `alpha` of `configs/Pretrain.yaml` (0.4).
-
-  Returns:
-    `[]` float32.
-  """
-  if steps_per_epoch <= 0:
-    raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-  progress = jnp.asarray(step, jnp.float32) / float(steps_per_epoch)
-  return alpha_max * jnp.minimum(1.0, progress)
-
-
-def enqueue(queue: jax.Array, ptr: jax.Array, feats: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Ring-buffer write of a batch of teacher features.
-
-  Args:
-    queue: `[K, E]` features of past batches.
-    ptr: `[]` int32 index of the oldest slot.
-    feats: `[B, E]` features of the whole (global) batch; K must be a multiple of B.
-
-  Returns:
-    `(queue [K, E], ptr [])`: rows [ptr, ptr + B) replaced by `feats`, ptr advanced by B mod K.
-  """
-  size, batch = queue.shape[0], feats.shape[0]
-  if batch == 0 or size % batch:
-    raise ValueError(
-      f"queue size {size} must be a positive multiple of the global batch size {batch} "
-      "(the reference asserts queue_size % batch_size == 0)"
-    )
-  if queue.shape[1:] != feats.shape[1:]:
-    raise ValueError(f"queue rows {queue.shape[1:]} and features {feats.shape[1:]} differ")
-  ptr = jnp.asarray(ptr, jnp.int32) % size
-  feats = jax.lax.stop_gradient(feats).astype(queue.dtype)
-  queue = jax.lax.dynamic_update_slice_in_dim(queue, feats, ptr, axis=0)
-  return queue, (ptr + batch) % size
 
 
 def soft_targets(
@@ -142,21 +84,28 @@ def clamped_temperature(logit_scale: jax.Array) -> jax.Array:
   return jnp.clip(tau, TEMPERATURE_MIN, TEMPERATURE_MAX)
 
 
-def require_teacher(teacher: dict[str, Any] | None, keys: tuple[str, ...], loss: str) -> None:
-  """Raises a clear error when a momentum loss runs without the teacher entries it reads."""
-  missing = [k for k in keys if teacher is None or k not in teacher]
-  if missing:
-    raise ValueError(f"loss {loss!r} needs teacher entries {missing} (a momentum teacher + queues)")
+def teacher_array(ctx: LossContext, key: str) -> jax.Array:
+  """`ctx.teacher[key]` as float32 without gradient."""
+  return jax.lax.stop_gradient(jnp.asarray(ctx.teacher[key], jnp.float32))
 
 
-def teacher_array(teacher: dict[str, Any], key: str) -> jax.Array:
-  """`teacher[key]` as float32 without gradient."""
-  return jax.lax.stop_gradient(jnp.asarray(teacher[key], jnp.float32))
+def with_queue(ctx: LossContext, key: str, queue_key: str) -> jax.Array:
+  """`[B + K, E]`: the teacher's batch features `ctx.teacher[key]` followed by the queue
+  `ctx.extras[queue_key]`, without gradient."""
+  queue = jax.lax.stop_gradient(jnp.asarray(ctx.extras[queue_key], jnp.float32))
+  return jnp.concatenate([teacher_array(ctx, key), queue], axis=0)
 
 
-def with_queue(teacher: dict[str, Any], key: str, queue_key: str) -> jax.Array:
-  """`[B + K, E]`: the teacher's batch features followed by the queue, without gradient."""
-  return jnp.concatenate([teacher_array(teacher, key), teacher_array(teacher, queue_key)], axis=0)
+def positives_for(ctx: LossContext, num_columns: int, match_image_id: bool, loss: str):
+  """`[B, B + K]` hard targets of a loss against [teacher batch | queue] columns: the diagonal,
+  or with `match_image_id` every column of the same image (needs `ctx.extras["queue/image_id"]`)."""
+  batch_size = ctx.teacher["img/emb"].shape[0]
+  if not match_image_id:
+    return hard_positives(batch_size, num_columns)
+  require(ctx, f"{loss}(match_image_id=True)", extras=("queue/image_id",))
+  return hard_positives(
+    batch_size, num_columns, ctx.batch["image_id"], ctx.extras["queue/image_id"]
+  )
 
 
 def hard_positives(
@@ -208,26 +157,22 @@ def distilled_contrast(
 
 
 def cma_terms(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any],
-  batch: dict[str, jax.Array],
-  match_image_id: bool = False,
+  outputs: dict[str, jax.Array], ctx: LossContext, match_image_id: bool = False
 ) -> dict[str, jax.Array]:
   """The two CMA terms `{"i2t", "t2i", "temperature"}`, each `[]` (see `cma`)."""
-  require_teacher(teacher, ("img/emb", "txt/emb", "queue/img", "queue/txt", "alpha"), "cma")
+  require(
+    ctx,
+    "cma",
+    teacher=("img/emb", "txt/emb"),
+    extras=("queue/img", "queue/txt"),
+    schedules=("alpha",),
+  )
   tau = clamped_temperature(outputs["logit_scale"])
-  alpha = jax.lax.stop_gradient(jnp.asarray(teacher["alpha"], jnp.float32))
-  img_all = with_queue(teacher, "img/emb", "queue/img")
-  txt_all = with_queue(teacher, "txt/emb", "queue/txt")
-  batch_size = outputs["img/emb"].shape[0]
-  if match_image_id:
-    require_teacher(teacher, ("queue/image_id",), "cma(match_image_id=True)")
-    positives = hard_positives(
-      batch_size, img_all.shape[0], batch["image_id"], teacher["queue/image_id"]
-    )
-  else:
-    positives = hard_positives(batch_size, img_all.shape[0])
-  t_img, t_txt = teacher_array(teacher, "img/emb"), teacher_array(teacher, "txt/emb")
+  alpha = jax.lax.stop_gradient(jnp.asarray(ctx.schedules["alpha"], jnp.float32))
+  img_all = with_queue(ctx, "img/emb", "queue/img")
+  txt_all = with_queue(ctx, "txt/emb", "queue/txt")
+  positives = positives_for(ctx, img_all.shape[0], match_image_id, "cma")
+  t_img, t_txt = teacher_array(ctx, "img/emb"), teacher_array(ctx, "txt/emb")
   i2t = distilled_contrast(outputs["img/emb"], t_img, txt_all, positives, tau, alpha)
   t2i = distilled_contrast(outputs["txt/emb"], t_txt, img_all, positives, tau, alpha)
   return {"i2t": i2t, "t2i": t2i, "temperature": tau}
@@ -235,19 +180,16 @@ def cma_terms(
 
 @register("cma")
 def cma(
-  outputs: dict[str, jax.Array],
-  teacher: dict[str, Any] | None,
-  batch: dict[str, jax.Array],
-  match_image_id: bool = False,
+  outputs: dict[str, jax.Array], ctx: LossContext, match_image_id: bool = False
 ) -> tuple[jax.Array, Metrics]:
   """Cross-modal alignment with queues and momentum distillation (= ALBEF `loss_ita`).
 
   Reads `outputs["img/emb"]`, `outputs["txt/emb"]` `[B, E]`, `outputs["logit_scale"]` `[]`,
-  `teacher["img/emb"]`, `teacher["txt/emb"]` `[B, E]`, `teacher["queue/img"]`,
-  `teacher["queue/txt"]` `[K, E]`, `teacher["alpha"]` `[]`.
+  `ctx.teacher["img/emb"]`, `ctx.teacher["txt/emb"]` `[B, E]`, `ctx.extras["queue/img"]`,
+  `ctx.extras["queue/txt"]` `[K, E]`, `ctx.schedules["alpha"]` `[]`.
 
   Returns:
     `((i2t + t2i) / 2, {"i2t", "t2i", "temperature"})`.
   """
-  terms = cma_terms(outputs, teacher, batch, match_image_id)
+  terms = cma_terms(outputs, ctx, match_image_id)
   return 0.5 * (terms["i2t"] + terms["t2i"]), terms

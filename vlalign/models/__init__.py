@@ -1,0 +1,62 @@
+"""Encoders ("towers") and the composite models built from them, both picked by name from config.
+
+* `TOWERS`: `model.image.kind` / `model.text.kind` name a registered tower; the tower config's other
+  fields are its constructor's arguments (plus `dtype` and `remat` from `config.model`). An image
+  tower maps `images [B, H, W, 3] -> {"cls": [B, D], "tokens": [B, N, D]}`, a text tower
+  `(ids [B, L], mask [B, L]) -> {"cls": [B, D], "tokens": [B, L, D]}`; a text tower whose token
+  table can tie an MLM decoder also has `embedding_table() -> [V, D]`.
+* `MODELS`: `model.name` names a registered composite (`two_tower`, `albef`) taking the
+  `config.model` ConfigDict.
+
+A new tower is a Linen module in a file of this package (or of a module in `config.imports`)
+decorated with `@TOWERS.register("<kind>")`; no composite model changes.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from vlalign.registry import Registry
+
+TOWERS: Registry[type[nn.Module]] = Registry("tower", "vlalign.models")
+MODELS: Registry[type[nn.Module]] = Registry("model", "vlalign.models")
+
+_NOT_CONFIG = {"parent", "name"}
+
+
+def tower_fields(kind: str) -> set[str]:
+  """The config fields the tower `kind` accepts (its dataclass fields)."""
+  cls = TOWERS.get(kind)
+  return {f.name for f in dataclasses.fields(cls) if f.init} - _NOT_CONFIG
+
+
+def build_tower(tower_config: Any, where: str, **common: Any) -> nn.Module:
+  """The tower `tower_config.kind` built from the other fields of `tower_config` and `common`.
+
+  Args:
+    tower_config: e.g. `config.model.image`, with `kind` and the tower's own fields.
+    where: the config path, for messages (e.g. "model.image").
+    **common: fields every tower receives (`dtype`, `remat`), used when the tower has them.
+  """
+  fields = dict(tower_config.to_dict() if hasattr(tower_config, "to_dict") else tower_config)
+  if "kind" not in fields:
+    raise ValueError(f"config.{where} needs a 'kind'; registered towers: {TOWERS.names()}")
+  kind = fields.pop("kind")
+  cls = TOWERS.get(kind)
+  allowed = tower_fields(kind)
+  unknown = sorted(set(fields) - allowed)
+  if unknown:
+    raise ValueError(
+      f"config.{where} has fields {unknown} that tower kind {kind!r} does not take; "
+      f"it takes {sorted(allowed - set(common))}"
+    )
+  extra = {k: v for k, v in common.items() if k in allowed}
+  return cls(**fields, **extra)
+
+
+def build_model(model_config: Any) -> nn.Module:
+  """The composite model named by `model_config.name`, configured by `model_config`."""
+  if "name" not in model_config:
+    raise ValueError(f"config.model needs a 'name'; registered models: {MODELS.names()}")
+  return MODELS.get(model_config.name)(model_config)

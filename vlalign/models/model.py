@@ -1,16 +1,18 @@
-"""Models composed from the `model` ConfigDict: `TwoTower` (CLIP, SigLIP) and `ALBEFModel` (ALBEF,
-TCL). Output keys follow docs/architecture.md ("Model outputs").
+"""Composite models built from the `model` ConfigDict: `TwoTower` (`name: two_tower`) and
+`ALBEFModel` (`name: albef`). Output keys follow docs/architecture.md ("Model outputs").
 
 Model config fields (see configs/common.py):
 
-  name: "two_tower" | "albef"          embed_dim: E
+  name: a registered model ("two_tower" | "albef")          embed_dim: E
   dtype: "float32" | "bfloat16"        (compute dtype; parameters stay float32)
   logit_scale_init: log inverse temperature, e.g. math.log(1 / 0.07)
   logit_bias_init: None, or the SigLIP bias init (e.g. -10)
   proj_hidden: None (linear projections) or the hidden width of MLP projections
   proj_bias: bias in the projections (default: False for two_tower, True for albef as in ALBEF)
-  image: dict(image_size, patch_size, width, depth, num_heads, mlp_dim, dropout)
-  text: dict(vocab_size, max_len, width, depth, num_heads, mlp_dim, causal, pool, dropout)
+  image: dict(kind, ...) an image tower of `vlalign.models.TOWERS` and its fields, e.g.
+         kind="vit": image_size, patch_size, width, depth, num_heads, mlp_dim, dropout
+  text: dict(kind, ...) a text tower, e.g. kind="text_transformer": vocab_size, max_len, width,
+        depth, num_heads, mlp_dim, causal, pool, dropout
   remat: recompute block activations in the backward pass
   albef only: fusion_depth (number of fusion blocks; heads, mlp_dim and dropout from `text`),
               tie_mlm (default True: the MLM decoder reuses the text token embedding table)
@@ -22,19 +24,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlalign.losses import matching
-from vlalign.losses.momentum import clamped_temperature
+from vlalign.models import MODELS, build_tower
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Projection, l2_normalize
-from vlalign.models.text import TextTransformer
-from vlalign.models.vit import ViT
 
 Batch = dict[str, jax.Array]
 Outputs = dict[str, jax.Array]
 
 
+@MODELS.register("two_tower")
 class TwoTower(nn.Module):
-  """ViT image tower + text transformer, each with a projection into the joint space.
+  """An image tower and a text tower (`model.image.kind`, `model.text.kind`), each with a
+  projection into the joint space.
 
   `__call__(batch, train)` returns `img/cls`, `img/tokens`, `txt/cls`, `txt/tokens`, `img/emb`,
   `txt/emb` (`[B, E]` float32, unit norm), `logit_scale` and, when configured, `logit_bias`.
@@ -49,8 +50,8 @@ class TwoTower(nn.Module):
     dtype = jnp.dtype(c.get("dtype", "float32"))
     remat = bool(c.get("remat", False))
     proj_bias = bool(c.get("proj_bias", self.default_proj_bias))
-    self.image_encoder = ViT(**dict(c.image), dtype=dtype, remat=remat)
-    self.text_encoder = TextTransformer(**dict(c.text), dtype=dtype, remat=remat)
+    self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, remat=remat)
+    self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, remat=remat)
     self.image_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
     self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
     self.logit_scale = self.param(
@@ -96,6 +97,7 @@ class TwoTower(nn.Module):
     }
 
 
+@MODELS.register("albef")
 class ALBEFModel(TwoTower):
   """ALBEF / TCL: `TwoTower` + a fusion encoder over (text tokens, image tokens) + ITM / MLM heads.
 
@@ -108,11 +110,10 @@ class ALBEFModel(TwoTower):
   and `txt/tokens_emb` `[B, L, E]` (L2-normalised projections of the patch / text tokens with the
   global projections: TCL's local features).
 
-  The fusion passes run when the batch asks for them (the train step adds the keys): ITM on
-  positives and hard negatives when it holds the teacher's embeddings `teacher/txt/emb` and
-  `teacher/img/emb` (`itm/logits` `[3B, 2]`), MLM when it holds masked ids `mlm_ids`
-  (`mlm/logits` `[B, L, V]`). Evaluation batches hold neither and pay nothing extra.
-  `model.init(rngs, batch)` creates every parameter whatever the batch holds.
+  The fusion passes are separate methods a training method calls explicitly: `itm_pairs` (ITM on
+  positives and given hard negatives, `itm/logits` `[3B, 2]`) and `masked_lm` (`mlm/logits`
+  `[B, L, V]`). `__call__` runs neither, so evaluation pays nothing extra; `model.init(rngs,
+  batch)` creates every parameter.
   """
 
   default_proj_bias = True
@@ -167,61 +168,49 @@ class ALBEFModel(TwoTower):
     embedding = self.text_encoder.embedding_table() if tied else None
     return self.mlm_head(fused, embedding)
 
-  def itm_pairs(self, out: Outputs, batch: Batch, train: bool = False) -> Outputs:
-    """ITM logits of the B positive pairs and 2B sampled hard negatives (ALBEF `forward`).
+  def itm_pairs(
+    self,
+    out: Outputs,
+    text_mask: jax.Array,
+    neg_text: jax.Array,
+    neg_image: jax.Array,
+    train: bool = False,
+  ) -> Outputs:
+    """ITM logits of the B positive pairs and 2B given negatives (ALBEF `forward`).
 
-    Negatives are drawn with `matching.sample_hard_negatives` from the softmax of the student's
-    embeddings against the teacher's (`batch["teacher/img/emb"]`, `batch["teacher/txt/emb"]`
-    `[B, E]`) over the clamped temperature, with the `"sample"` rng; pairs with the same
-    `image_id` are never negatives.
+    Args:
+      out: this model's outputs on the batch (`txt/tokens`, `img/all_tokens`).
+      text_mask: `[B, L]`.
+      neg_text: `[B]` int, the text paired with image b as a negative.
+      neg_image: `[B]` int, the image paired with text b as a negative.
+      train: enables dropout.
 
     Returns:
       `itm/logits` `[3B, 2]`: pairs (t_b, v_b), then (t_b, v_{neg_image[b]}), then
-      (t_{neg_text[b]}, v_b), the order of `matching.itm_labels`.
+      (t_{neg_text[b]}, v_b), the order of `vlalign.losses.matching.itm_labels`.
     """
-    tau = clamped_temperature(out["logit_scale"])
-    sim_i2t = out["img/emb"] @ batch["teacher/txt/emb"].T / tau
-    sim_t2i = out["txt/emb"] @ batch["teacher/img/emb"].T / tau
-    neg_text, neg_image = matching.sample_hard_negatives(
-      sim_i2t, sim_t2i, batch["image_id"], self.make_rng("sample")
-    )
-    text, mask, image = out["txt/tokens"], batch["text_mask"], out["img/all_tokens"]
+    text, image = out["txt/tokens"], out["img/all_tokens"]
     fused = self.fuse(
       jnp.concatenate([text, text, text[neg_text]]),
-      jnp.concatenate([mask, mask, mask[neg_text]]),
+      jnp.concatenate([text_mask, text_mask, text_mask[neg_text]]),
       jnp.concatenate([image, image[neg_image], image]),
       train,
     )
     return {"itm/logits": self.itm_logits(fused)}
 
-  def masked_lm(self, out: Outputs, batch: Batch, train: bool = False) -> jax.Array:
-    """MLM logits `[B, L, V]` of `batch["mlm_ids"]` `[B, L]`, fused with this model's image
-    tokens `out["img/all_tokens"]`."""
-    text = self.text_encoder(batch["mlm_ids"], batch["text_mask"], train)["tokens"]
-    return self.mlm_logits(self.fuse(text, batch["text_mask"], out["img/all_tokens"], train))
+  def masked_lm(
+    self, out: Outputs, mlm_ids: jax.Array, text_mask: jax.Array, train: bool = False
+  ) -> Outputs:
+    """`mlm/logits` `[B, L, V]` of the masked text `mlm_ids` `[B, L]`, fused with this model's
+    image tokens `out["img/all_tokens"]`."""
+    text = self.text_encoder(mlm_ids, text_mask, train)["tokens"]
+    return {"mlm/logits": self.mlm_logits(self.fuse(text, text_mask, out["img/all_tokens"], train))}
 
   def __call__(self, batch: Batch, train: bool = False) -> Outputs:
-    """`TwoTower.__call__`'s dict + `img/all_tokens`, `img/tokens_emb`, `txt/tokens_emb`; with
-    `batch["teacher/txt/emb"]` also `itm/logits` (`itm_pairs`), with `batch["mlm_ids"]` also
-    `mlm/logits` (`masked_lm`)."""
+    """`TwoTower.__call__`'s dict + `img/all_tokens`, `img/tokens_emb`, `txt/tokens_emb`."""
     out = super().__call__(batch, train)
-    if self.is_initializing():
+    if self.is_initializing():  # Create the fusion and head parameters.
       fused = self.fuse(out["txt/tokens"], batch["text_mask"], out["img/all_tokens"], train)
       self.itm_logits(fused)
       self.mlm_logits(fused)
-    if "teacher/txt/emb" in batch:
-      out.update(self.itm_pairs(out, batch, train))
-    if "mlm_ids" in batch:
-      out["mlm/logits"] = self.masked_lm(out, batch, train)
     return out
-
-
-MODELS = {"two_tower": TwoTower, "albef": ALBEFModel}
-
-
-def build_model(model_config: Any) -> nn.Module:
-  """The model named by `model_config.name` (default "two_tower"), configured by `model_config`."""
-  name = model_config.get("name", "two_tower")
-  if name not in MODELS:
-    raise ValueError(f"unknown model name {name!r}; choose one of {sorted(MODELS)}")
-  return MODELS[name](model_config)

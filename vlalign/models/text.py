@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
 
 POOLS = ("first", "eos", "mean")
@@ -35,6 +36,7 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
   raise ValueError(f"unknown text pool {pool!r}; choose one of {POOLS}")
 
 
+@TOWERS.register("text_transformer")
 class TextTransformer(nn.Module):
   """Pre-LN text encoder.
 

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder
 
 
@@ -24,6 +25,7 @@ def resize_position_embedding(pos: jax.Array, rows: int, cols: int) -> jax.Array
   return jax.image.resize(pos, (rows, cols, pos.shape[-1]), method="bilinear")
 
 
+@TOWERS.register("vit")
 class ViT(nn.Module):
   """Pre-LN ViT with a learned CLS token (which gets no position embedding).
 

@@ -1,0 +1,66 @@
+"""What every evaluator builder shares: the registry, the build context, settings checks.
+
+An evaluator type is a builder `(name, settings, ctx) -> Evaluator` registered with
+`@EVALUATORS.register("<type>")` in a module of `vlalign.evaluation` (or of `config.imports`);
+`config.evals` entries pick it by `type`. Every evaluator has `name`, `every_steps` and
+`run(params) -> {metric: float}`.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from vlalign.registry import Registry
+
+
+class Evaluator(Protocol):
+  name: str
+  every_steps: int
+
+  def run(self, params: Any) -> dict[str, float]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What every builder may need besides its own settings.
+
+  Attributes:
+    predict: the method's prediction functions by name (`Method.predict_fns`), host numpy in and
+      out, e.g. `encode_image(params, images) -> [B, E]`, `encode_text(params, ids, mask)`.
+    tokenizer: has `encode_batch(texts, max_len) -> (ids, mask)`.
+    data_config: `config.data`, passed to `vlalign.data.pipeline`.
+    default_batch_size: encode batch of evaluators that set no `batch_size`.
+  """
+
+  predict: Mapping[str, Callable[..., Any]]
+  tokenizer: Any
+  data_config: Any
+  default_batch_size: int
+
+  def predict_fn(self, fn_name: str, evaluator: str, kind: str) -> Callable[..., Any]:
+    """`predict[fn_name]`, or a clear error naming what the configured method provides."""
+    if fn_name not in self.predict:
+      raise ValueError(
+        f"evaluator {evaluator!r} of type {kind!r} needs the prediction function {fn_name!r}, "
+        f"which the configured method/model does not provide (it provides {sorted(self.predict)})"
+      )
+    return self.predict[fn_name]
+
+
+Builder = Callable[[str, dict, EvalContext], Evaluator]
+EVALUATORS: Registry[Builder] = Registry("evaluator type", "vlalign.evaluation")
+
+COMMON_OPTIONAL = {"every_steps", "batch_size"}
+
+
+def check_keys(name: str, settings: dict, required: set[str], optional: set[str]) -> None:
+  """Clear errors for missing and unknown fields of one evaluator's settings."""
+  missing = required - settings.keys()
+  unknown = settings.keys() - required - optional - COMMON_OPTIONAL - {"type"}
+  if missing:
+    raise ValueError(f"evaluator {name!r} misses {sorted(missing)}")
+  if unknown:
+    raise ValueError(
+      f"evaluator {name!r} has unknown fields {sorted(unknown)}; "
+      f"allowed: {sorted(required | optional | COMMON_OPTIONAL | {'type'})}"
+    )
