@@ -33,7 +33,7 @@ def test_written_on_8_devices_restores_on_4_and_1(tmp_path):
   kernel8 = state8.params["params"]["dense"]["kernel"]
   assert kernel8.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-  ckpt.save(7, state8, force=True)
+  ckpt.save(7, state8)
   ckpt.wait()
   for n, fsdp in [(4, 2), (1, 1)]:
     _, target = _place(_state(), _mesh(n, fsdp))
@@ -48,7 +48,7 @@ def test_written_on_8_devices_restores_on_4_and_1(tmp_path):
 def test_restore_params_only(tmp_path):
   state, _ = _place(_state(), _mesh(8, 1))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save(1, state, force=True)
+  ckpt.save(1, state)
   ckpt.wait()
   _, target = _place(_state(), _mesh(8, 1))
   params = checkpoint.Checkpointer(str(tmp_path)).restore_params(1, target.params)
@@ -60,7 +60,7 @@ def test_restore_params_only(tmp_path):
 def test_incompatible_model_is_a_clear_error_and_leaves_the_checkpoint(tmp_path):
   state, _ = _place(_state(width=64), _mesh(8, 1))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save(3, state, force=True)
+  ckpt.save(3, state)
   ckpt.wait()
   _, other = _place(_state(width=32), _mesh(8, 1))
   with pytest.raises(
@@ -76,6 +76,6 @@ def test_keeps_last_n_and_every_period(tmp_path):
   state, _ = _place(_state(), _mesh(1, 1))
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, keep_period=4, async_save=False)
   for step in range(1, 10):
-    ckpt.save(step, state, force=True)
+    ckpt.save(step, state)
   ckpt.close()
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4, 8, 9]

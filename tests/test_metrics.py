@@ -5,12 +5,12 @@ import pytest
 from vlalign import metrics
 
 
-def test_check_finite_names_the_step_range_and_keys():
-  metrics.check_finite({"train/loss": 1.0}, last_good_step=10, step=20)
-  with pytest.raises(metrics.NonFiniteError, match=r"train/loss.*between step 11 and step 20"):
-    metrics.check_finite({"train/loss": math.nan, "train/lr": 1.0}, last_good_step=10, step=20)
-  with pytest.raises(metrics.NonFiniteError, match="grad_norm"):
-    metrics.check_finite({"train/grad_norm": math.inf}, 0, 5)
+def test_check_finite_names_the_step_range_keys_and_the_checkpoint_to_resume_from():
+  metrics.check_finite({"train/loss": 1.0}, 11, 20)
+  with pytest.raises(metrics.NonFiniteError, match=r"train/loss between steps 11-20; resume"):
+    metrics.check_finite({"train/loss": math.nan, "train/lr": 1.0}, 11, 20, resume="resume")
+  with pytest.raises(metrics.NonFiniteError, match="grad_norm in x between step 5$"):
+    metrics.check_finite({"train/grad_norm": math.inf}, 5, 5, "in x")
 
 
 def test_writer_appends_jsonl(tmp_path):

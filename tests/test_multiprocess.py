@@ -15,11 +15,12 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   cmd = [
     "bash", "launch/local_multiprocess.sh", "2", "--config=configs/clip.py:tiny",
     f"--workdir={tmp_path}", "--config.total_steps=3", "--config.log_every=1",
-    "--config.checkpoint_every=3", "--config.evals={}",
+    "--config.checkpoint_every=1", "--config.keep_checkpoints=1", "--config.evals={}",
   ]  # fmt: skip
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   rows = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))  # written by process 0 only
   assert [r["step"] for r in rows] == [1, 2, 3]
-  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+  # Retention ran on both processes: only the newest checkpoint is left.
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
   assert "process 1/2, 2 local / 4 global devices" in result.stderr

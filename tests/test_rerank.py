@@ -311,7 +311,8 @@ def _fake_pipeline(monkeypatch):
     calls.append(split)
     return _eval_data(4)
 
-  fake = types.SimpleNamespace(make_eval_data=make_eval_data)
+  # The builders first check that the split has enough images for R@10 (`split_size`).
+  fake = types.SimpleNamespace(make_eval_data=make_eval_data, split_size=lambda config, split: 10)
   monkeypatch.setitem(sys.modules, "vlalign.data.pipeline", fake)
   monkeypatch.setattr(vlalign.data, "pipeline", fake, raising=False)
   return calls

@@ -253,7 +253,11 @@ def _fake_pipeline(monkeypatch):
       "templates": ["{}"],
     }
 
-  fake = types.SimpleNamespace(make_eval_data=make_eval_data, make_zeroshot_data=make_zeroshot_data)
+  fake = types.SimpleNamespace(
+    make_eval_data=make_eval_data,
+    make_zeroshot_data=make_zeroshot_data,
+    split_size=lambda config, split: 10,  # enough images for R@10 (checked by the builders)
+  )
   monkeypatch.setitem(sys.modules, "vlalign.data.pipeline", fake)
   monkeypatch.setattr(vlalign.data, "pipeline", fake, raising=False)
   return calls

@@ -154,8 +154,9 @@ def test_incompatible_checkpoint_in_workdir_is_a_clear_error_and_kept(tmp_path):
   wider = _tiny(total_steps=4)
   wider.model.embed_dim = 48
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match="fresh --workdir"):
-    trainer.train_and_evaluate(wider, str(tmp_path))
+    trainer.train_and_evaluate(wider, str(tmp_path), override_tag="wider")
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+  assert not (tmp_path / "config.wider.json").exists()
 
 
 def test_empty_split_is_a_clear_error(tmp_path):
@@ -180,6 +181,6 @@ def test_nan_guard_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(
   trainer.train_and_evaluate(_tiny(total_steps=2, checkpoint_every=1), str(tmp_path))
   config = _tiny(total_steps=4, checkpoint_every=1)
   config.optim.lr = 1e30  # resumed from step 2, the first update makes the params overflow
-  with pytest.raises(metrics.NonFiniteError, match="param_norm between step 3 and step 3"):
-    trainer.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(metrics.NonFiniteError, match="param_norm between step 3; the newest .* 2"):
+    trainer.train_and_evaluate(config, str(tmp_path), override_tag="huge_lr")
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2

@@ -1,9 +1,14 @@
 """Thin wrapper over an Orbax CheckpointManager: train state and Grain iterator in one step.
 
-- async saves; keeps the last `keep` steps and every `keep_period`-th step;
+- async saves; retention is ours, not Orbax's: a new save first waits for the previous one to be
+  complete on disk, then deletes what lies beyond the newest `keep` complete steps (every
+  `keep_period`-th step and steps at or below `protect_through` are never deleted), so that there
+  is always at least one complete checkpoint, whatever fails during the next save;
 - restores onto target shardings (a checkpoint written on 8 devices restores on 4 or 1);
 - refuses, with a message naming the first mismatching array, to restore a checkpoint written by a
-  model of other shapes (instead of failing deep inside Orbax or silently broadcasting).
+  model of other shapes (instead of failing deep inside Orbax or silently broadcasting);
+- `restore_latest` falls back to the newest checkpoint that reads, naming each damaged one (a
+  truncated or missing file, an empty step directory) and why.
 """
 
 from collections.abc import Sequence
@@ -16,13 +21,29 @@ from absl import logging
 
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
+from vlalign.errors import ConfigError, UserError
 
 STATE = "state"
 DATA = "data"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
   """The checkpoint in the workdir does not fit the configured model or state."""
+
+
+class DamagedCheckpointError(UserError, RuntimeError):
+  """A checkpoint cannot be read (missing or truncated files, an empty step directory)."""
+
+  def __init__(self, step: int, where: str, reason: str):
+    super().__init__(f"checkpoint {where} cannot be read: {reason}")
+    self.step = step
+    self.reason = reason
+
+
+def _short(error: Exception) -> str:
+  """The first line of an error, without TensorStore's spec dump."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text.split(" See full TensorStore details")[0][:300]
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -84,16 +105,36 @@ class Checkpointer:
     keep_period: int | None = None,
     async_save: bool = True,
     create: bool = True,
+    protect_through: int = -1,
   ):
-    """Opens (with `create`, creates) the checkpoint directory; `create=False` opens it read-only
-    (another run's checkpoints, which this process must never change)."""
+    """Opens the checkpoint directory.
+
+    Args:
+      directory: local path or URI.
+      keep: how many of the newest complete checkpoints to keep (>= 1).
+      keep_period: also keep every step that is a multiple of it (None or 0: none).
+      async_save: save in the background.
+      create: create the directory and allow writes; False opens it read-only (another run's
+        checkpoints, or evaluation), and nothing is ever deleted.
+      protect_through: steps at or below it are never deleted (checkpoints another config wrote).
+    """
+    if create and int(keep) < 1:
+      raise ConfigError(f"keep_checkpoints={keep} must be >= 1: a run always keeps one checkpoint")
+    if keep_period is not None and int(keep_period) < 0:
+      raise ConfigError(f"keep_period={keep_period} must be >= 0 (0: off)")
     self.directory = workdir_lib.as_path(directory)
+    self.keep = int(keep)
+    self.keep_period = int(keep_period or 0)
+    self.protect_through = int(protect_through)
+    self.writable = create
+    if create:
+      workdir_lib.check_writable(self.directory)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      keep_period=keep_period or None,
+      max_to_keep=None,  # Retention is `prune`'s.
       enable_async_checkpointing=async_save,
       create=create,
       read_only=not create,
+      cleanup_tmp_directories=create,  # Partial saves of a crashed run; the trainer holds the lock.
     )
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -108,23 +149,49 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+  def prune(self) -> list[int]:
+    """Deletes the complete checkpoints beyond the newest `keep` (sparing `keep_period` multiples
+    and protected steps); returns the deleted steps. Call only when no save is in flight."""
+    steps = self.all_steps()
+    newest = steps[-self.keep :]
+    deleted = []
+    for step in steps:
+      periodic = self.keep_period and step % self.keep_period == 0
+      if step in newest or periodic or step <= self.protect_through:
+        continue
+      self.manager.delete(step)
+      deleted.append(step)
+    if deleted:
+      logging.info("checkpoint: deleted steps %s (keep %d newest)", deleted, self.keep)
+    return deleted
+
+  def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+    """Saves asynchronously, after the previous save is complete and retention has run."""
+    self.manager.wait_until_finished()
+    self.prune()
     items = {STATE: ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if saved:
-      logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
-    return saved
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
 
   def _stored_state(self, step: int) -> Any:
-    meta = self.manager.item_metadata(step)
-    stored = meta.get(STATE)
+    try:
+      meta = self.manager.item_metadata(step)
+      stored = meta.get(STATE)
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage.
+      raise DamagedCheckpointError(step, self._at(step), _short(e)) from e
     if stored is None:
-      raise IncompatibleCheckpointError(f"step {step} in {self.directory} has no '{STATE}' item")
+      raise DamagedCheckpointError(step, self._at(step), f"no '{STATE}' item (metadata missing)")
     return stored
+
+  def _restore_items(self, step: int, items: dict[str, Any]) -> Any:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - the names and shapes were checked: this is damage.
+      raise DamagedCheckpointError(step, self._at(step), _short(e)) from e
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restores the full state onto the shardings of `abstract_state` (ShapeDtypeStructs with
@@ -133,17 +200,52 @@ class Checkpointer:
     items = {STATE: _pytree_restore(abstract_state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._restore_items(step, items)
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored[STATE]
+
+  def restore_latest(self, restore_fn: Any) -> tuple[int | None, Any, list[DamagedCheckpointError]]:
+    """`restore_fn(step)` on the newest step that reads, falling back past damaged ones.
+
+    Returns:
+      `(step, restored, damaged)`: step None when the directory holds no checkpoint; `damaged`
+      lists the newer checkpoints that could not be read. A checkpoint of another model
+      (IncompatibleCheckpointError) is an error, not damage; so is having only damaged ones.
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        return step, restore_fn(step), damaged
+      except DamagedCheckpointError as e:
+        logging.warning("%s; trying an older checkpoint", e)
+        damaged.append(e)
+    if damaged:
+      reasons = "; ".join(f"step {e.step}: {e.reason}" for e in damaged)
+      raise DamagedCheckpointError(
+        damaged[-1].step, str(self.directory), f"no checkpoint there reads ({reasons})"
+      )
+    return None, None, damaged
+
+  def move_aside(self, step: int) -> str:
+    """Renames the damaged `directory/<step>` to `<step>.damaged` (kept for inspection, out of
+    the way of a new save of that step); returns the new path."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.damaged"
+    suffix = 1
+    while target.exists():
+      target = self.directory / f"{step}.damaged{suffix}"
+      suffix += 1
+    source.rename(target)
+    self.manager.reload()
+    logging.warning("checkpoint: moved the damaged step %d to %s", step, target)
+    return str(target)
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only `params` (no optimizer state, no iterator): what evaluation needs."""
     stored = _to_plain(self._stored_state(step))
     check_compatible(stored.get("params", {}), _to_plain(abstract_params), self._at(step))
     args = _pytree_restore({"params": abstract_params}, partial=True)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
-    return restored[STATE]["params"]
+    return self._restore_items(step, {STATE: args})[STATE]["params"]
 
   def restore_subtree(self, step: int, path: Sequence[str], abstract_subtree: Any) -> Any:
     """Restores only `params/<path...>` of step `step` onto the shardings of `abstract_subtree`.
@@ -167,8 +269,7 @@ class Checkpointer:
     for key in reversed((pytrees.PARAMS, *path)):
       item = {key: item}
     args = _pytree_restore({"params": item}, partial=True)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
-    out = restored[STATE]["params"][pytrees.PARAMS]
+    out = self._restore_items(step, {STATE: args})[STATE]["params"][pytrees.PARAMS]
     for key in path:
       out = out[key]
     return out
@@ -180,7 +281,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the last save, applies retention, closes."""
     self.manager.wait_until_finished()
+    if self.writable:
+      self.prune()
     self.manager.close()
 
 

@@ -3,11 +3,20 @@ r"""Evaluates a checkpoint with the evaluators of its config.
   python -m vlalign.evaluate --config=configs/clip.py:demo --workdir=workdirs/clip_demo [--step=N]
 
 Restores the parameters only (no optimizer state), runs every evaluator of `config.evals` and writes
-`<workdir>/eval_step<N>.json` and `.md` (or under --output_dir).
+`<workdir>/eval_step<N>.json` and `.md` (or under --output_dir). It only reads the workdir's
+checkpoints, so it may run while training goes on.
+
+The workdir's `config.json` is the reference: a config that would evaluate differently (another
+model, data or evaluator setting; optimizer and run-length fields do not count) is an error naming
+the fields, unless --override_config=NAME is given, which writes `eval_step<N>.NAME.json` / `.md`
+instead. Without --step, a damaged newest checkpoint is skipped (with a warning naming it) and the
+newest one that reads is evaluated; with --step, that step or an error.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from vlalign import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -15,11 +24,23 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default
 _OUTPUT_DIR = flags.DEFINE_string(
   "output_dir", None, "Where to write the report (default: workdir)."
 )
+_OVERRIDE = flags.DEFINE_string(
+  "override_config",
+  None,
+  "Evaluate with a config that differs from the workdir's config.json; the report goes to "
+  "eval_step<N>.<NAME>.json/.md.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def evaluate(config, workdir: str, step: int | None = None, output_dir: str | None = None):
-  """Restores params of `step` (default latest) and runs `config.evals`.
+def evaluate(
+  config,
+  workdir: str,
+  step: int | None = None,
+  output_dir: str | None = None,
+  override_tag: str | None = None,
+):
+  """Restores params of `step` (default: the newest readable) and runs `config.evals`.
 
   Returns `(step, {evaluator: {metric: value}}, (json_path, md_path))`.
   """
@@ -28,24 +49,36 @@ def evaluate(config, workdir: str, step: int | None = None, output_dir: str | No
   from vlalign import checkpoint as ckpt_lib
   from vlalign import trainer
   from vlalign import workdir as workdir_lib
+  from vlalign.errors import ConfigError, PathError
   from vlalign.evaluation import report
 
-  ckpt_dir = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS
+  root = workdir_lib.as_path(workdir)
+  tag = workdir_lib.check_tag(override_tag)
+  ignore = workdir_lib.OPERATIONAL_FIELDS + workdir_lib.TRAINING_ONLY_FIELDS
+  workdir_lib.check_config_matches(root, config, tag, ignore, "evaluate")
+  if not config.get("evals"):
+    raise ConfigError("config.evals is empty: nothing to evaluate")
+  ckpt_dir = root / workdir_lib.CHECKPOINTS
   if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
+    raise PathError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
   ckpt = ckpt_lib.Checkpointer(str(ckpt_dir), async_save=False, create=False)
   steps = ckpt.all_steps()
   if not steps:
-    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
-  if not config.get("evals"):
-    raise ValueError("config.evals is empty: nothing to evaluate")
+    raise PathError(f"{ckpt_dir} holds no checkpoint")
+  if step is not None and step not in steps:
+    raise ConfigError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
 
   setup = trainer.build(config)
-  params = ckpt.restore_params(step, setup.abstract_state.params)
-  ckpt.close()
+  abstract = setup.abstract_state.params
+  try:
+    if step is None:
+      step, params, damaged = ckpt.restore_latest(lambda s: ckpt.restore_params(s, abstract))
+      for error in damaged:
+        logging.warning("skipped the damaged checkpoint %d: %s", error.step, error.reason)
+    else:
+      params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
 
   evaluators = trainer.build_evaluators(setup)
   results = {}
@@ -55,15 +88,17 @@ def evaluate(config, workdir: str, step: int | None = None, output_dir: str | No
       logging.info("%s: %s", name, results[name])
   paths = None
   if jax.process_index() == 0:
-    out = output_dir or workdir
-    paths = report.write_report(results, out, step, header=f"{config.get('name', '')} {workdir}")
+    out = output_dir or root
+    header = f"{config.get('name', '')} {root}"
+    paths = report.write_report(results, out, step, header=header, tag=tag)
   return step, results, paths
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  step, _, paths = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _OUTPUT_DIR.value)
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  config = cli.config_value(_CONFIG)
+  step, _, paths = evaluate(config, _WORKDIR.value, _STEP.value, _OUTPUT_DIR.value, _OVERRIDE.value)
   if paths:
     from etils import epath
 
@@ -72,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

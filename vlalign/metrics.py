@@ -4,6 +4,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,10 +12,14 @@ import numpy as np
 from absl import logging
 
 from vlalign import workdir as workdir_lib
+from vlalign.errors import UserError
 
 
-class NonFiniteError(RuntimeError):
-  """Raised when a logged loss or gradient norm is NaN or Inf."""
+class NonFiniteError(UserError, RuntimeError):
+  """A logged metric, or the loss of parameters about to be saved, is NaN or Inf: the run diverged.
+  The binaries report it in one line (with the checkpoint to resume from) and exit with 3."""
+
+  exit_code = 3
 
 
 def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -23,14 +28,22 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in host.items()}
 
 
-def check_finite(metrics: dict[str, float], last_good_step: int, step: int) -> None:
-  """Raises NonFiniteError naming the step range and the offending keys."""
+def check_finite(
+  metrics: dict[str, float],
+  first_step: int,
+  last_step: int,
+  what: str = "",
+  resume: str | Callable[[], str] = "",
+) -> None:
+  """Raises NonFiniteError naming the offending keys, the steps since the last check, `what` was
+  checked, and `resume` (which checkpoint to resume from; a callable is called only on failure)."""
   bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-  if bad:
-    raise NonFiniteError(
-      f"non-finite {', '.join(bad)} between step {last_good_step + 1} and step {step} "
-      f"(last finite check at step {last_good_step}); the last good checkpoint is kept"
-    )
+  if not bad:
+    return
+  resume = resume() if callable(resume) else resume
+  span = f"step {last_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
+  message = f"non-finite {', '.join(bad)}{' ' + what if what else ''} between {span}"
+  raise NonFiniteError(message + (f"; {resume}" if resume else ""))
 
 
 def format_duration(seconds: float) -> str:

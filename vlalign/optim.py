@@ -20,6 +20,7 @@ import jax
 import optax
 
 from vlalign import pytrees
+from vlalign.errors import ConfigError
 
 DEFAULT_DECAY = ("(.*/)?kernel", "(.*/)?embedding")
 
@@ -33,29 +34,29 @@ def check_optim_config(optim_config: Any, total_steps: int) -> None:
     try:
       value = float(value)
     except (TypeError, ValueError):
-      raise ValueError(f"config.optim.{name}={value!r} is not a number") from None
+      raise ConfigError(f"config.optim.{name}={value!r} is not a number") from None
     if not math.isfinite(value):
-      raise ValueError(f"config.optim.{name}={value} must be finite")
+      raise ConfigError(f"config.optim.{name}={value} must be finite")
     return value
 
   if number("lr") <= 0:
-    raise ValueError(f"config.optim.lr={optim_config.lr} must be > 0")
+    raise ConfigError(f"config.optim.lr={optim_config.lr} must be > 0")
   warmup = int(number("warmup_steps", 0))
   if not 0 <= warmup < total_steps:
-    raise ValueError(
+    raise ConfigError(
       f"config.optim.warmup_steps={warmup} must be in [0, total_steps={total_steps})"
     )
   if not 0.0 <= number("min_lr_ratio", 0.0) <= 1.0:
-    raise ValueError(f"config.optim.min_lr_ratio={optim_config.min_lr_ratio} must be in [0, 1]")
+    raise ConfigError(f"config.optim.min_lr_ratio={optim_config.min_lr_ratio} must be in [0, 1]")
   if number("weight_decay", 0.0) < 0:
-    raise ValueError(f"config.optim.weight_decay={optim_config.weight_decay} must be >= 0")
+    raise ConfigError(f"config.optim.weight_decay={optim_config.weight_decay} must be >= 0")
   for name, default in (("b1", 0.9), ("b2", 0.999)):
     if not 0.0 <= number(name, default) < 1.0:
-      raise ValueError(f"config.optim.{name}={optim_config.get(name)} must be in [0, 1)")
+      raise ConfigError(f"config.optim.{name}={optim_config.get(name)} must be in [0, 1)")
   if number("eps", 1e-8) <= 0:
-    raise ValueError(f"config.optim.eps={optim_config.eps} must be > 0")
+    raise ConfigError(f"config.optim.eps={optim_config.eps} must be > 0")
   if number("grad_clip", 0.0) < 0:
-    raise ValueError(f"config.optim.grad_clip={optim_config.grad_clip} must be >= 0 (0: off)")
+    raise ConfigError(f"config.optim.grad_clip={optim_config.grad_clip} must be >= 0 (0: off)")
 
 
 def decay_patterns(optim_config: Any) -> tuple[str, ...]:

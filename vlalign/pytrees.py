@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from vlalign.errors import ConfigError
+
 PARAMS = "params"
 
 
@@ -41,13 +43,13 @@ def param_name(name: str) -> str:
 def compile_patterns(patterns: Sequence[str], where: str) -> list[re.Pattern]:
   """Compiled regular expressions, with an error naming the config field for a bad one."""
   if isinstance(patterns, str):
-    raise ValueError(f"config.{where} must be a list of patterns, not the string {patterns!r}")
+    raise ConfigError(f"config.{where} must be a list of patterns, not the string {patterns!r}")
   compiled = []
   for pattern in patterns:
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
-      raise ValueError(f"config.{where}: bad pattern {pattern!r}: {e}") from None
+      raise ConfigError(f"config.{where}: bad pattern {pattern!r}: {e}") from None
   return compiled
 
 
@@ -76,7 +78,7 @@ def path_mask(tree: Any, patterns: Sequence[str], where: str, require_match: boo
   unused = [p for p, u in zip(patterns, used, strict=True) if not u]
   if require_match and unused and jax.tree.leaves(tree):
     example = param_name(next(iter(named_leaves(tree))))
-    raise ValueError(
+    raise ConfigError(
       f"config.{where}: patterns {unused} match no parameter (names look like {example!r})"
     )
   return mask

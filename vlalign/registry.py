@@ -19,10 +19,12 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from vlalign.errors import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(ConfigError):
   """A config names an entry no registry holds (a typo, or a module missing from
   config.imports)."""
 

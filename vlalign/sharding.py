@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vlalign.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -28,13 +30,13 @@ def make_mesh(mesh_config: Any, devices: list[jax.Device] | None = None) -> Mesh
   sizes = [int(mesh_config.get("data", -1)), int(mesh_config.get("fsdp", 1))]
   n = len(devices)
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={sizes[0]} fsdp={sizes[1]}")
+    raise ConfigError(f"at most one mesh axis may be -1, got data={sizes[0]} fsdp={sizes[1]}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if known <= 0 or n % known:
-    raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} does not fit {n} devices")
+    raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} does not fit {n} devices")
   sizes = [n // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != n:
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} != {n} devices")
+    raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} != {n} devices")
   grid = np.array(devices).reshape(sizes)
   return Mesh(grid, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -76,12 +78,12 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   """Clear error when the global batch cannot be split evenly over the devices and processes."""
   shards = num_batch_shards(mesh)
   if global_batch_size % shards:
-    raise ValueError(
+    raise ConfigError(
       f"batch_size={global_batch_size} is not divisible by the {shards} devices of the mesh "
       f"{dict(mesh.shape)}; use a multiple of {shards}"
     )
   if global_batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
       f"batch_size={global_batch_size} is not divisible by {jax.process_count()} processes"
     )
 

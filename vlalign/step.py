@@ -80,6 +80,21 @@ def make_train_step(
   return train_step
 
 
+def make_loss_probe(
+  method: Any, loss_entries: list[losses_lib.LossEntry]
+) -> Callable[[TrainState, Batch], Metrics]:
+  """`probe(state, batch) -> metrics`: the losses of the state's own parameters on `batch`, as
+  the next step would compute them, without gradient or update. The trainer checks them before
+  saving a checkpoint, so that no checkpoint holds parameters whose loss is not finite."""
+
+  def probe(state: TrainState, batch: Batch) -> Metrics:
+    ctx = method.before_gradient(state, batch, jax.random.fold_in(state.rng, state.step))
+    _, metrics = losses_lib.sum_losses(loss_entries, method.forward(state.params, ctx), ctx)
+    return {**{k: jnp.asarray(v, jnp.float32) for k, v in ctx.schedules.items()}, **metrics}
+
+  return probe
+
+
 def make_params_init(model: Any, example_batch: Callable[[], Batch]) -> Callable[[jax.Array], Any]:
   """`init_params(rng) -> params`; `example_batch()` builds (inside the trace) inputs of the train
   batch's shapes. Meant to run under `jax.jit(..., out_shardings=...)`, so that no device ever

@@ -5,11 +5,15 @@ r"""Trains a model from a config file.
 
 Rerunning with the same --workdir resumes from its latest checkpoint. For several processes (a pod
 or a Slurm job), pass --coordinator_address, --num_processes and --process_id, or set
---jax_distributed to let JAX detect them.
+--jax_distributed to let JAX detect them. SIGTERM, SIGINT (Ctrl-C) and SIGQUIT (Ctrl-\\) save a
+checkpoint after the current step and stop (exit status 0 for SIGTERM, 130 / 131 for the others).
+User errors (flags, config, paths, the workdir's state) print one line and exit with status 2.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from vlalign import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and reports go.")
@@ -25,6 +29,12 @@ _DRY_RUN = flags.DEFINE_bool(
   "dry_run",
   False,
   "Build, lower and compile the train step on abstract inputs, print memory, exit.",
+)
+_OVERRIDE = flags.DEFINE_string(
+  "override_config",
+  None,
+  "Train on in a workdir whose config.json differs from --config; results go to files tagged "
+  "with this name and the workdir's existing checkpoints are never deleted.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -45,7 +55,8 @@ def initialize_distributed() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  config = cli.config_value(_CONFIG)
   initialize_distributed()
   import jax
 
@@ -59,13 +70,15 @@ def main(argv):
     jax.device_count(),
   )
   if _DRY_RUN.value:
-    setup = trainer.build(_CONFIG.value)
+    setup = trainer.build(config)
     print(trainer.describe_params(setup.abstract_state.params, setup.frozen))
+    for warning in setup.warnings:
+      print(f"warning: {warning}")
     memory = trainer.log_memory_analysis(trainer.lower_step(setup).compile())
-    print(f"compiled {_CONFIG.value.get('name', '')}: per-device memory (MiB) {memory}")
+    print(f"compiled {config.get('name', '')}: per-device memory (MiB) {memory}")
     return
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(config, _WORKDIR.value, _OVERRIDE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

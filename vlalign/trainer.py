@@ -5,6 +5,7 @@ Nothing here depends on the method: what a method adds (state, hooks, prediction
 through `vlalign.methods`, what a loss reads through `vlalign.losses.LossContext`.
 """
 
+import contextlib
 import json
 import signal
 import time
@@ -18,13 +19,14 @@ import numpy as np
 from absl import logging
 
 from vlalign import checkpoint as ckpt_lib
-from vlalign import evaluation, optim, pytrees, registry, sharding, weights
+from vlalign import errors, evaluation, optim, pytrees, registry, sharding, weights
 from vlalign import losses as losses_lib
 from vlalign import metrics as metrics_lib
 from vlalign import step as step_lib
 from vlalign import workdir as workdir_lib
 from vlalign.data import pipeline
 from vlalign.data.tokenizer import build_tokenizer
+from vlalign.errors import ConfigError, UserError
 from vlalign.evaluation import report
 from vlalign.methods import build_method
 from vlalign.models import build_model
@@ -61,10 +63,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   the method validates its own sections)."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
-    raise ValueError(f"config lacks required fields: {missing}")
-  for field in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
+    raise ConfigError(f"config lacks required fields: {missing}")
+  for field in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     if int(config.get(field, 1)) <= 0:
-      raise ValueError(f"config.{field}={config.get(field)} must be > 0")
+      raise ConfigError(f"config.{field}={config.get(field)} must be > 0")
+  if int(config.get("keep_period", 0)) < 0:
+    raise ConfigError(f"config.keep_period={config.keep_period} must be >= 0 (0: off)")
 
 
 def check_sections(config: ml_collections.ConfigDict, method: Any) -> None:
@@ -72,7 +76,7 @@ def check_sections(config: ml_collections.ConfigDict, method: Any) -> None:
   known = set(GENERIC_FIELDS) | set(method.config_fields)
   unused = sorted(k for k in config if k not in known and config[k] is not None)
   if unused:
-    raise ValueError(
+    raise ConfigError(
       f"config fields {unused} are not read by method {config.method!r} (it reads "
       f"{sorted(method.config_fields) or 'no extra section'}); remove them or pick the method "
       "that uses them"
@@ -97,6 +101,8 @@ class Setup(NamedTuple):
   init_state: Callable[[Any, jax.Array], Any]
   step_fn: Callable[..., Any]  # the pure `train_step(state, batch)`, not jitted
   train_step: Any  # `step_fn` jitted with the shardings and donation, not yet compiled
+  loss_probe: Any  # jitted `(state, batch) -> metrics` of the state's own parameters, no update
+  warnings: tuple[str, ...]  # settings that run but make some numbers meaningless
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -109,7 +115,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   tokenizer = build_tokenizer(config.data)
   vocab_size = config.model.text.get("vocab_size")
   if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-    raise ValueError(
+    raise ConfigError(
       f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size="
       f"{vocab_size}; raise model.text.vocab_size"
     )
@@ -119,6 +125,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   weights.check_init_config(config.get("init"))
   loss_entries = losses_lib.parse_entries(config.losses)
   spec = pipeline.train_batch_spec(config.data, config.batch_size)
+  warnings = check_data(config, tokenizer, method)
 
   def example_batch():
     return {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in spec.items()}
@@ -139,6 +146,11 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
+  loss_probe = jax.jit(
+    step_lib.make_loss_probe(method, loss_entries),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=sharding.replicated(mesh),
+  )
   return Setup(
     config=config,
     mesh=mesh,
@@ -155,7 +167,36 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     init_state=init_state,
     step_fn=step_fn,
     train_step=train_step,
+    loss_probe=loss_probe,
+    warnings=tuple(warnings),
   )
+
+
+def check_data(config: ml_collections.ConfigDict, tokenizer: Any, method: Any) -> list[str]:
+  """Checks, before anything is compiled (and by --dry_run), that the data can give meaningful
+  numbers: the train split fills a batch, every evaluator's settings and split are valid (recall@k
+  needs k candidates), the method provides what the evaluators call. Returns warnings (captions
+  that `data.max_len` cuts), which are also logged."""
+  pipeline.check_train_split(config.data, int(config.batch_size), jax.process_count())
+  if config.get("evals"):
+    evaluation.build_evaluators(
+      config.evals,
+      predict=method.predict_fns(),
+      tokenizer=tokenizer,
+      data_config=config.data,
+      default_batch_size=1,
+      check_only=True,
+    )
+  warnings = []
+  fraction, longest = pipeline.truncated_fraction(config.data, tokenizer)
+  if fraction > 0:
+    warnings.append(
+      f"data.max_len={config.data.max_len} cuts {100 * fraction:.1f}% of the train captions "
+      f"(sampled; the longest has {longest} tokens with [CLS] and [EOS])"
+    )
+  for warning in warnings:
+    logging.warning(warning)
+  return warnings
 
 
 def fresh_state(setup: Setup, rng: jax.Array) -> Any:
@@ -260,33 +301,60 @@ def run_evaluators(evaluators: dict, params, step: int, final: bool) -> dict[str
   return out
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+class _StopSignals:
+  """SIGTERM (preemption, `scancel`), SIGINT (Ctrl-C) and SIGQUIT (Ctrl-\\) become a request the
+  loop checks after each step: it saves a checkpoint and stops. After the first signal the default
+  handlers are back, so a second Ctrl-C stops at once, without saving."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not in the main thread: leave signals alone.
-      self._previous = None
+    for signum in STOP_SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not in the main thread: leave signals alone.
+        break
     return self
 
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
-    self.requested = True
+    del frame
+    if self.signum is None:
+      self.signum = signum
+      logging.warning(
+        "%s received: saving a checkpoint and stopping after this step (again: stop at once)",
+        signal.Signals(signum).name,
+      )
+    self._restore()
+
+  def _restore(self):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    self._restore()
 
 
-def _write_config(config, workdir) -> None:
-  if jax.process_index() == 0:
-    workdir_lib.write_text(workdir / workdir_lib.CONFIG, config.to_json_best_effort(indent=2))
+class Interrupted(UserError):
+  """The run stopped on SIGINT or SIGQUIT after saving; the binary exits with 128 + signum, as a
+  shell expects of a process stopped by that signal."""
+
+  def __init__(self, signum: int, step: int, saved: int | None):
+    name = signal.Signals(signum).name
+    where = f"checkpoint {saved} saved" if saved is not None else "nothing to save yet"
+    super().__init__(
+      f"stopped by {name} at step {step} ({where}); rerun the same command to resume"
+    )
+    self.exit_code = 128 + signum
 
 
 def _eval_results(final_metrics: dict[str, float], names) -> dict[str, dict[str, float]]:
@@ -297,10 +365,14 @@ def _eval_results(final_metrics: dict[str, float], names) -> dict[str, dict[str,
   }
 
 
-def _finished_run(setup: Setup, workdir, step: int, params) -> dict[str, float]:
+def _final_path(workdir, tag: str):
+  return workdir / workdir_lib.FINAL_METRICS.replace(".json", f"{tag}.json")
+
+
+def _finished_run(setup: Setup, workdir, step: int, params, tag: str) -> dict[str, float]:
   """A rerun of a run that already reached `total_steps`: its results stay as they are. Only if the
   final results are missing (a crash after the last checkpoint) are they made, from `params`."""
-  final_path = workdir / workdir_lib.FINAL_METRICS
+  final_path = _final_path(workdir, tag)
   if final_path.exists():
     logging.info("%s already finished at step %d; results in %s", workdir, step, final_path)
     final = json.loads(final_path.read_text())
@@ -311,7 +383,7 @@ def _finished_run(setup: Setup, workdir, step: int, params) -> dict[str, float]:
   evaluators = build_evaluators(setup)
   with jax.set_mesh(setup.mesh):
     final.update(run_evaluators(evaluators, params, step, final=True))
-  _write_results(setup.config, workdir, step, final, evaluators)
+  _write_results(setup.config, workdir, step, final, evaluators, tag)
   return final
 
 
@@ -326,69 +398,153 @@ def _logged_metrics(workdir, step: int) -> dict[str, float]:
   return logged
 
 
-def _write_results(config, workdir, step: int, final: dict[str, float], evaluators) -> None:
+def _write_results(config, workdir, step: int, final: dict, evaluators, tag: str) -> None:
   if jax.process_index() != 0:
     return
   if evaluators:
     evals = _eval_results(final, evaluators)
-    paths = report.write_report(evals, workdir, step, header=f"{config.get('name', '')} {workdir}")
+    header = f"{config.get('name', '')} {workdir}"
+    paths = report.write_report(evals, workdir, step, header=header, tag=tag)
     logging.info("wrote %s", paths)
   payload = json.dumps({"step": step, **final}, indent=2, sort_keys=True)
-  workdir_lib.write_text(workdir / workdir_lib.FINAL_METRICS, payload)
+  workdir_lib.write_text(_final_path(workdir, tag), payload)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates at the end.
+def _all_processes_agree(ok: bool) -> bool:
+  """Process 0's `ok`, on every process (a no-op with one process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
 
-  Returns the final metrics (last logged train metrics and final eval metrics).
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok, np.int32)))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Process 0 holds the workdir's exclusive lock for the run; every process learns whether it
+  got it (a WorkdirError on all of them otherwise)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except errors.WorkdirError as e:
+      lock, error = None, e
+  if not _all_processes_agree(error is None):
+    raise error or errors.WorkdirError(f"process 0 could not lock {workdir}")
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _restore_or_init(setup: Setup, ckpt, data_iter) -> tuple[Any, int]:
+  """The newest checkpoint that reads (damaged newer ones are moved aside, with a warning), or a
+  fresh state. Returns `(state, step)`."""
+  step, state, damaged = ckpt.restore_latest(
+    lambda s: ckpt.restore(s, setup.abstract_state, data_iter)
+  )
+  if damaged:
+    if jax.process_index() == 0:
+      for error in damaged:
+        ckpt.move_aside(error.step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("vlalign: damaged checkpoints moved aside")
+      ckpt.manager.reload()
+    logging.warning("resumed from step %d after skipping damaged %s", step,
+                    [e.step for e in damaged])  # fmt: skip
+  if step is None:
+    return fresh_state(setup, jax.random.PRNGKey(setup.config.seed)), 0
+  logging.info("resumed from step %d in %s", step, ckpt.directory)
+  return state, step
+
+
+def _resume_hint(ckpt) -> str:
+  """Which checkpoint a run stopped by the NaN guard resumes from."""
+  steps = ckpt.all_steps()
+  if not steps:
+    return "no checkpoint was saved: fix the cause (e.g. lower optim.lr) and rerun"
+  return (
+    f"the newest checkpoint, step {steps[-1]} ({ckpt.directory}/{steps[-1]}), holds parameters "
+    "whose own loss was finite: rerun to resume from it after fixing the cause (e.g. lower "
+    "optim.lr)"
+  )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, override_tag: str | None = None
+) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its newest readable checkpoint) and evaluates at
+  the end. Returns the final metrics (last logged train metrics and final eval metrics).
+
+  The workdir's `config.json` is the reference: a config that differs in a field that changes
+  what the run computes is a WorkdirError naming the fields, unless `override_tag` is given; then
+  results go to files tagged with it and the checkpoints present at the start are never deleted.
   """
   workdir = workdir_lib.as_path(workdir)
+  tag = workdir_lib.check_tag(override_tag)
   setup = build(config)
-  mesh = setup.mesh
   logging.info("model %s: %s", type(setup.model).__name__, describe_params(
     setup.abstract_state.params, setup.frozen))  # fmt: skip
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_config(config, workdir)
+  if jax.process_index() == 0:
+    workdir_lib.check_writable(workdir)
+  with workdir_lock(workdir):
+    return _train_locked(setup, workdir, tag)
 
-  train_ds = pipeline.make_train_dataset(
-    config.data, setup.tokenizer, global_batch_size=config.batch_size, seed=config.seed
+
+def _train_locked(setup: Setup, workdir, tag: str) -> dict[str, float]:
+  config = setup.config
+  workdir_lib.check_config_matches(workdir, config, tag, workdir_lib.OPERATIONAL_FIELDS, "train on")
+  data_iter = iter(
+    pipeline.make_train_dataset(
+      config.data, setup.tokenizer, global_batch_size=config.batch_size, seed=config.seed
+    )
   )
-  data_iter = iter(train_ds)
-
   ckpt = ckpt_lib.Checkpointer(
     str(workdir / workdir_lib.CHECKPOINTS),
     keep=int(config.get("keep_checkpoints", 3)),
     keep_period=int(config.get("keep_period", 0)) or None,
   )
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, setup.abstract_state, data_iter)
-    logging.info("resumed from step %d in %s", latest, ckpt.directory)
-  else:
-    state = fresh_state(setup, jax.random.PRNGKey(config.seed))
+  try:
+    state, step = _restore_or_init(setup, ckpt, data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  if tag:
+    ckpt.protect_through = step  # The reference config's checkpoints are never deleted.
+  config_file = workdir_lib.config_path(workdir, tag)
+  if jax.process_index() == 0 and not config_file.exists():
+    workdir_lib.write_text(config_file, config.to_json_best_effort(indent=2))
   total = int(config.total_steps)
-  step = start_step = int(jax.device_get(state.step))
   if step >= total:
     ckpt.close()
-    return _finished_run(setup, workdir, step, state.params)
+    return _finished_run(setup, workdir, step, state.params, tag)
+  return _train_loop(setup, workdir, tag, ckpt, data_iter, state, step)
 
+
+def _train_loop(setup, workdir, tag, ckpt, data_iter, state, step) -> dict[str, float]:
+  config, mesh = setup.config, setup.mesh
+  evaluators = build_evaluators(setup)
   compile_start = time.perf_counter()
   compiled_step = lower_step(setup).compile()
   logging.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
   log_memory_analysis(compiled_step)
 
-  evaluators = build_evaluators(setup)
+  total = int(config.total_steps)
   writer = metrics_lib.MetricWriter(str(workdir))
   writer.drop_after(step)
+  start_step = last_checked = step
   progress = metrics_lib.Progress(total, config.batch_size, step)
-  last_good = step
   final_metrics: dict[str, float] = {}
   log_every = int(config.get("log_every", 50))
   ckpt_every = int(config.get("checkpoint_every", 1000))
-
   batch_sharding = sharding.batch_sharding(mesh)
+  saved = None
   try:
-    with _Preemption() as preemption, jax.set_mesh(mesh):
+    with _StopSignals() as stop, jax.set_mesh(mesh):
       while step < total:
         local = next(data_iter)
         if step == start_step:
@@ -396,31 +552,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = pipeline.to_global_batch(local, batch_sharding)
         state, step_metrics = compiled_step(state, batch)
         step += 1
-        preempted = preemption.requested or ckpt.manager.reached_preemption(step)
-        save_now = step % ckpt_every == 0 or step == total or preempted
+        stopping = stop.requested or ckpt.manager.reached_preemption(step)
+        save_now = step % ckpt_every == 0 or step == total or stopping
         if step % log_every == 0 or step == total or save_now:
           host = {f"train/{k}": v for k, v in metrics_lib.to_floats(step_metrics).items()}
-          metrics_lib.check_finite(host, last_good, step)
-          last_good = step
+          metrics_lib.check_finite(host, last_checked + 1, step, "", lambda: _resume_hint(ckpt))
+          last_checked = step
           if step % log_every == 0 or step == total:
             host.update({f"perf/{k}": v for k, v in progress.update(step).items()})
             writer.write(step, host)
             logging.info(metrics_lib.progress_line(step, total, host))
             final_metrics.update(host)
         if save_now:
-          ckpt.save(step, state, data_iter, force=True)
+          probe = metrics_lib.to_floats(setup.loss_probe(state, batch))
+          what = "in the loss of the parameters after the update (not saved)"
+          metrics_lib.check_finite(probe, step, step, what, lambda: _resume_hint(ckpt))
+          ckpt.save(step, state, data_iter)
+          saved = step
         eval_metrics = run_evaluators(evaluators, state.params, step, final=step == total)
         if eval_metrics:
           writer.write(step, eval_metrics)
           final_metrics.update(eval_metrics)
           progress.reset_clock(step)
-        if preempted and step < total:
-          logging.warning("stopping at step %d after preemption; rerun to resume", step)
+        if stopping and step < total:
+          logging.warning("stopping at step %d; rerun the same command to resume", step)
           break
   finally:
     ckpt.close()
     writer.close()
 
   if step == total:
-    _write_results(config, workdir, step, final_metrics, evaluators)
+    _write_results(config, workdir, step, final_metrics, evaluators, tag)
+  elif stop.signum in (signal.SIGINT, signal.SIGQUIT):
+    raise Interrupted(stop.signum, step, saved)
   return final_metrics

@@ -30,6 +30,7 @@ import numpy as np
 
 from vlalign.data import augment, shapes
 from vlalign.data import transforms as T
+from vlalign.errors import ConfigError
 
 # Recipes without randomness: two views of one of them would be the same image.
 _DETERMINISTIC_RECIPES = ("none", "resize")
@@ -43,13 +44,42 @@ def make_source(data_config: Any, split: str) -> shapes.ShapesSource:
   """The random-access source of `split` described by `data_config`."""
   name = _field(data_config, "name", "shapes")
   if name != "shapes":
-    raise ValueError(f"unknown dataset {name!r}; available: ['shapes']")
+    raise ConfigError(f"unknown dataset {name!r}; available: ['shapes']")
   return shapes.ShapesSource(
     split,
     num_examples=_field(data_config, f"{split}_size"),
     image_size=int(data_config["image_size"]),
     seed=int(_field(data_config, "seed", 0)),
   )
+
+
+def split_size(data_config: Any, split: str) -> int:
+  """Number of examples (images) of `split`, without loading them; ConfigError if it is empty."""
+  return len(make_source(data_config, split))
+
+
+def check_train_split(data_config: Any, global_batch_size: int, process_count: int) -> None:
+  """ConfigError when a process's shard of the train split cannot fill its batch."""
+  size = split_size(data_config, "train")
+  local_batch, shard = global_batch_size // process_count, size // process_count
+  if local_batch > shard:
+    raise ConfigError(
+      f"the per-process batch {local_batch} is larger than the {shard} train examples of a "
+      f"process's shard (train split: {size}, {process_count} processes); use a smaller batch "
+      "or a larger train_size"
+    )
+
+
+def truncated_fraction(
+  data_config: Any, tokenizer: Any, split: str = "train", sample: int = 256
+) -> tuple[float, int]:
+  """`(fraction, longest)`: the fraction of the captions of the first `sample` examples of `split`
+  that `data.max_len` cuts, and the longest one's length in tokens ([CLS] and [EOS] included)."""
+  source = make_source(data_config, split)
+  captions = [c for i in range(min(sample, len(source))) for c in source[i]["captions"]]
+  _, mask = tokenizer.encode_batch(captions, 1024)
+  lengths = np.asarray(mask).sum(axis=1)
+  return float(np.mean(lengths > int(data_config["max_len"]))), int(lengths.max())
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -68,7 +98,7 @@ def _augment_config(data_config: Any) -> dict | None:
     fields["image_size"] = image_size
   size = augment.augment_config_from(fields).image_size  # Unknown recipe or field -> ValueError.
   if size not in (image_size, (image_size, image_size)):
-    raise ValueError(
+    raise ConfigError(
       f"data.augment.image_size={fields['image_size']} differs from data.image_size={image_size}; "
       "the augmented image must have the size the model is built for (leave it out to inherit it)"
     )
@@ -80,14 +110,14 @@ def _num_views(data_config: Any, augment_name: str | None) -> int:
   views = _field(data_config, "augment_views", 1)
   views = 1 if views is None else views
   if isinstance(views, bool) or views not in (1, 2):
-    raise ValueError(f"data.augment_views={views!r} must be 1 or 2")
+    raise ConfigError(f"data.augment_views={views!r} must be 1 or 2")
   if views == 2 and augment_name is None:
-    raise ValueError(
+    raise ConfigError(
       "data.augment_views=2 needs an augmentation (data.augment, e.g. dict(name='tcl')): "
       "without one the two views would be the same image"
     )
   if views == 2 and augment_name in _DETERMINISTIC_RECIPES:
-    raise ValueError(
+    raise ConfigError(
       f"data.augment_views=2 with the deterministic augmentation recipe {augment_name!r} gives "
       "two identical views; use a random recipe (crop_flip, albef, tcl)"
     )
@@ -172,21 +202,21 @@ def make_train_dataset(
   process_index = jax.process_index() if process_index is None else int(process_index)
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    raise ConfigError(f"process_index={process_index} not in [0, process_count={process_count})")
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
+    raise ConfigError(
       f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
     )
   local_batch = global_batch_size // process_count
   source = make_source(data_config, "train")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:
-    raise ValueError(
+    raise ConfigError(
       f"process {process_index} of {process_count} gets no train examples "
       f"(train split has {len(source)})"
     )
   if local_batch > len(ds):
-    raise ValueError(
+    raise ConfigError(
       f"the per-process batch {local_batch} is larger than the {len(ds)} train examples of "
       f"process {process_index}'s shard; use a smaller batch or a larger train_size"
     )
@@ -244,7 +274,7 @@ def make_zeroshot_data(data_config: Any, split: str, task_name: str) -> dict[str
     `templates` list of str with one `{}` each.
   """
   if task_name not in shapes.ZEROSHOT_TASKS:
-    raise ValueError(
+    raise ConfigError(
       f"unknown zero-shot task {task_name!r}; available: {sorted(shapes.ZEROSHOT_TASKS)}"
     )
   task = shapes.ZEROSHOT_TASKS[task_name]
@@ -256,7 +286,7 @@ def make_zeroshot_data(data_config: Any, split: str, task_name: str) -> dict[str
       images.append(example["image"])
       labels.append(label)
   if not labels:
-    raise ValueError(
+    raise ConfigError(
       f"no example of the {split!r} split ({len(source)} examples) qualifies for the "
       f"{task_name!r} zero-shot task; use a larger {split}_size"
     )

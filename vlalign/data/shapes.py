@@ -38,6 +38,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlalign.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 SHAPE_PLURALS = ("circles", "squares", "triangles", "diamonds", "stars", "crosses")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -456,12 +458,12 @@ class ShapesSource:
     self, split: str, *, num_examples: int | None = None, image_size: int = 64, seed: int = 0
   ):
     if split not in SPLIT_IDS:
-      raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLIT_IDS)}")
+      raise ConfigError(f"unknown shapes split {split!r}; choose one of {sorted(SPLIT_IDS)}")
     num_examples = DEFAULT_SPLIT_SIZES[split] if num_examples is None else int(num_examples)
     if num_examples <= 0:
-      raise ValueError(f"the shapes {split!r} split has no examples (num_examples={num_examples})")
+      raise ConfigError(f"the shapes {split!r} split has no examples (num_examples={num_examples})")
     if image_size < MIN_IMAGE_SIZE:
-      raise ValueError(
+      raise ConfigError(
         f"image_size={image_size} is too small to draw shapes; use >= {MIN_IMAGE_SIZE}"
       )
     self.split = split

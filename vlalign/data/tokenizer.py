@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vlalign.data import shapes
+from vlalign.errors import ConfigError
 
 PAD, UNK, CLS, EOS, MASK = "[PAD]", "[UNK]", "[CLS]", "[EOS]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, EOS, MASK)
@@ -53,7 +54,7 @@ def split_words(text: str) -> list[str]:
 def layout(token_ids: Sequence[int], max_len: int, cls_id: int, eos_id: int, pad_id: int):
   """`(ids [L] int32, mask [L] int32)`: `[CLS] t1 .. tk [EOS] [PAD]..` with `k <= L - 2`."""
   if max_len < 2:
-    raise ValueError(f"max_len={max_len} leaves no room for [CLS] and [EOS]; use max_len >= 2")
+    raise ConfigError(f"max_len={max_len} leaves no room for [CLS] and [EOS]; use max_len >= 2")
   body = list(token_ids[: max_len - 2])
   used = len(body) + 2
   ids = np.full((max_len,), pad_id, dtype=np.int32)
@@ -118,4 +119,4 @@ def build_tokenizer(data_config: Any) -> Tokenizer:
   name = data_config.get("tokenizer", "shapes_words")
   if name == "shapes_words":
     return WordTokenizer(shapes.vocabulary())
-  raise ValueError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)}")
+  raise ConfigError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)}")

@@ -18,6 +18,7 @@ prediction functions it needs come from `ctx.predict_fn(...)` (the method's `pre
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, Evaluator
 from vlalign.evaluation.retrieval import RetrievalEvaluator, retrieval_metrics
 from vlalign.evaluation.zeroshot import ZeroShotEvaluator, class_embeddings
@@ -45,6 +46,7 @@ def build_evaluators(
   tokenizer: Any,
   data_config: Any,
   default_batch_size: int,
+  check_only: bool = False,
 ) -> dict[str, Evaluator]:
   """Builds one evaluator per entry of `evals_config` (a ConfigDict or dict), in its order.
 
@@ -54,18 +56,21 @@ def build_evaluators(
     tokenizer: has `encode_batch(texts, max_len) -> (ids, mask)`.
     data_config: `config.data`, passed to `vlalign.data.pipeline`.
     default_batch_size: encode batch of evaluators that set no `batch_size`.
+    check_only: only validate every entry (no data is loaded); returns `{}`.
 
   Returns:
     `{name: evaluator}`.
   """
-  ctx = EvalContext(predict, tokenizer, data_config, default_batch_size)
+  ctx = EvalContext(predict, tokenizer, data_config, default_batch_size, check_only)
   evaluators = {}
   for name, settings in _as_dict(evals_config).items():
     settings = _as_dict(settings)
     kind = settings.get("type")
     if kind not in EVALUATORS.names():
-      raise ValueError(
+      raise ConfigError(
         f"evaluator {name!r} has unknown type {kind!r}; known types: {EVALUATORS.names()}"
       )
-    evaluators[name] = EVALUATORS.get(kind)(name, settings, ctx)
+    evaluator = EVALUATORS.get(kind)(name, settings, ctx)
+    if not check_only:
+      evaluators[name] = evaluator
   return evaluators

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from vlalign.errors import ConfigError
 from vlalign.registry import Registry
 
 
@@ -30,17 +31,20 @@ class EvalContext:
     tokenizer: has `encode_batch(texts, max_len) -> (ids, mask)`.
     data_config: `config.data`, passed to `vlalign.data.pipeline`.
     default_batch_size: encode batch of evaluators that set no `batch_size`.
+    check_only: builders validate their settings (fields, the prediction functions, whether the
+      split can give meaningful metrics) and return None without loading data.
   """
 
   predict: Mapping[str, Callable[..., Any]]
   tokenizer: Any
   data_config: Any
   default_batch_size: int
+  check_only: bool = False
 
   def predict_fn(self, fn_name: str, evaluator: str, kind: str) -> Callable[..., Any]:
     """`predict[fn_name]`, or a clear error naming what the configured method provides."""
     if fn_name not in self.predict:
-      raise ValueError(
+      raise ConfigError(
         f"evaluator {evaluator!r} of type {kind!r} needs the prediction function {fn_name!r}, "
         f"which the configured method/model does not provide (it provides {sorted(self.predict)})"
       )
@@ -58,9 +62,20 @@ def check_keys(name: str, settings: dict, required: set[str], optional: set[str]
   missing = required - settings.keys()
   unknown = settings.keys() - required - optional - COMMON_OPTIONAL - {"type"}
   if missing:
-    raise ValueError(f"evaluator {name!r} misses {sorted(missing)}")
+    raise ConfigError(f"evaluator {name!r} misses {sorted(missing)}")
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"evaluator {name!r} has unknown fields {sorted(unknown)}; "
       f"allowed: {sorted(required | optional | COMMON_OPTIONAL | {'type'})}"
+    )
+
+
+def check_recall_candidates(name: str, split: str, num_images: int, ks) -> None:
+  """Recall@k over fewer than k candidates is 100 by construction: a ConfigError, not a metric."""
+  too_large = [k for k in ks if k > num_images]
+  if too_large:
+    raise ConfigError(
+      f"evaluator {name!r}: the {split!r} split has {num_images} images, fewer than "
+      f"k={too_large}: those recalls would be 100 whatever the model; use a split of at least "
+      f"{max(ks)} images (data.{split}_size)"
     )

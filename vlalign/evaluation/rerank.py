@@ -47,10 +47,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.retrieval import (
   _CHUNK_ROWS,
   RetrievalEvaluator,
+  checked_split,
   embed_in_batches,
   retrieval_metrics,
 )
@@ -247,7 +249,7 @@ def rerank_metrics(
 
 def _check_k(k: Any) -> None:
   if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-    raise ValueError(f"k must be a positive int; got {k!r}")
+    raise ConfigError(f"k must be a positive int; got {k!r}")
 
 
 class RerankRetrievalEvaluator(RetrievalEvaluator):
@@ -364,10 +366,13 @@ def build_retrieval_itm(name: str, settings: dict, ctx: EvalContext) -> RerankRe
   kind = "retrieval_itm (a model with an ITM head)"
   fns = [ctx.predict_fn(fn, name, kind) for fn in PREDICT_FNS]
   _check_k(settings.get("k", 16))
+  split = checked_split(name, settings, ctx)
+  if ctx.check_only:
+    return None
   return RerankRetrievalEvaluator(
     name,
     *fns,
-    pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, settings["split"]),
+    pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, split),
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),
     k=settings.get("k", 16),

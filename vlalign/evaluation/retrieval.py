@@ -28,9 +28,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
+from vlalign.errors import ConfigError
+from vlalign.evaluation.common import (
+  EVALUATORS,
+  EvalContext,
+  check_keys,
+  check_recall_candidates,
+)
 
 TIE_RULES = ("optimistic", "pessimistic")
+DEFAULT_KS = (1, 5, 10)
 
 # Rows of the similarity matrix compared at once: bounds the [rows, N] boolean temporaries.
 _CHUNK_ROWS = 512
@@ -38,7 +45,7 @@ _CHUNK_ROWS = 512
 
 def _check_ties(ties: str) -> None:
   if ties not in TIE_RULES:
-    raise ValueError(f"unknown tie rule {ties!r}; choose one of {TIE_RULES}")
+    raise ConfigError(f"unknown tie rule {ties!r}; choose one of {TIE_RULES}")
 
 
 def _ranks_of_best(
@@ -208,7 +215,7 @@ class RetrievalEvaluator:
     eval_data: dict[str, np.ndarray],
     batch_size: int,
     every_steps: int,
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] = DEFAULT_KS,
     ties: str = "pessimistic",
   ):
     """Builds the evaluator.
@@ -260,17 +267,32 @@ class RetrievalEvaluator:
     return retrieval_metrics(sim, self.txt2img, self.img2txt, self.ks, self.ties)
 
 
+def checked_split(name: str, settings: dict, ctx: EvalContext) -> str:
+  """The evaluator's split, with a ConfigError when it is empty or too small for the recalls."""
+  from vlalign.data import pipeline  # Imported here: evaluators need no data code until built.
+
+  split = settings["split"]
+  check_recall_candidates(name, split, pipeline.split_size(ctx.data_config, split), DEFAULT_KS)
+  return split
+
+
 @EVALUATORS.register("retrieval")
 def build_retrieval(name: str, settings: dict, ctx: EvalContext) -> RetrievalEvaluator:
   """Builder for `type: "retrieval"` (fields `split`, `ties`, `every_steps`, `batch_size`)."""
   check_keys(name, settings, {"split"}, {"ties"})
+  _check_ties(settings.get("ties", "pessimistic"))
   from vlalign.data import pipeline  # Imported here: evaluators need no data code until built.
 
+  encode_image = ctx.predict_fn("encode_image", name, "retrieval")
+  encode_text = ctx.predict_fn("encode_text", name, "retrieval")
+  split = checked_split(name, settings, ctx)
+  if ctx.check_only:
+    return None
   return RetrievalEvaluator(
     name,
-    ctx.predict_fn("encode_image", name, "retrieval"),
-    ctx.predict_fn("encode_text", name, "retrieval"),
-    pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, settings["split"]),
+    encode_image,
+    encode_text,
+    pipeline.make_eval_data(ctx.data_config, ctx.tokenizer, split),
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),
     ties=settings.get("ties", "pessimistic"),

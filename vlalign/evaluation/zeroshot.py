@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.retrieval import embed_in_batches
 
@@ -29,7 +30,7 @@ def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
   """The `C * T` prompts, class-major: `templates[t].format(class_names[c])` at `c * T + t`."""
   for template in templates:
     if template.count("{}") != 1:
-      raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+      raise ConfigError(f"template {template!r} must contain exactly one '{{}}'")
   return [template.format(name) for name in class_names for template in templates]
 
 
@@ -151,10 +152,15 @@ def build_zeroshot(name: str, settings: dict, ctx: EvalContext) -> ZeroShotEvalu
   check_keys(name, settings, {"split", "task"}, {"max_len"})
   from vlalign.data import pipeline
 
+  encode_image = ctx.predict_fn("encode_image", name, "zeroshot")
+  encode_text = ctx.predict_fn("encode_text", name, "zeroshot")
+  pipeline.split_size(ctx.data_config, settings["split"])
+  if ctx.check_only:
+    return None
   return ZeroShotEvaluator(
     name,
-    ctx.predict_fn("encode_image", name, "zeroshot"),
-    ctx.predict_fn("encode_text", name, "zeroshot"),
+    encode_image,
+    encode_text,
     ctx.tokenizer,
     pipeline.make_zeroshot_data(ctx.data_config, settings["split"], settings["task"]),
     batch_size=settings.get("batch_size", ctx.default_batch_size),

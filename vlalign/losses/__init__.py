@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.registry import Registry
 
 Metrics = dict[str, jax.Array]
@@ -87,7 +88,7 @@ def require(ctx: LossContext, loss: str, *, teacher=(), extras=(), schedules=(),
   for group, (keys, have) in groups.items():
     missing = [k for k in keys if k not in have]
     if missing:
-      raise ValueError(
+      raise ConfigError(
         f"loss {loss!r} needs ctx.{group} entries {missing}; the configured method does not "
         "provide them (see docs/methods.md for which method each loss belongs to)"
       )
@@ -96,7 +97,7 @@ def require(ctx: LossContext, loss: str, *, teacher=(), extras=(), schedules=(),
 def require_output(outputs: dict[str, jax.Array], key: str, loss: str, hint: str) -> jax.Array:
   """`outputs[key]`, or a clear error saying how to configure a model that produces it."""
   if key not in outputs:
-    raise ValueError(f"loss {loss!r} needs model output {key!r}: {hint}")
+    raise ConfigError(f"loss {loss!r} needs model output {key!r}: {hint}")
   return outputs[key]
 
 
@@ -114,14 +115,14 @@ def weight_ramp(step: jax.Array, warmup_steps: int, power: float = 1.0, start: f
 def _check_schedule(name: str, schedule: dict) -> dict:
   unknown = set(schedule) - _SCHEDULE_FIELDS
   if unknown or "warmup_steps" not in schedule:
-    raise ValueError(
+    raise ConfigError(
       f"config.losses.{name}.weight_schedule={schedule} needs warmup_steps and takes only "
       f"{sorted(_SCHEDULE_FIELDS)}"
     )
   if int(schedule["warmup_steps"]) <= 0:
-    raise ValueError(f"config.losses.{name}.weight_schedule.warmup_steps must be > 0")
+    raise ConfigError(f"config.losses.{name}.weight_schedule.warmup_steps must be > 0")
   if not 0.0 <= float(schedule.get("start", 0.0)) <= 1.0 or float(schedule.get("power", 1)) <= 0:
-    raise ValueError(f"config.losses.{name}.weight_schedule needs start in [0, 1] and power > 0")
+    raise ConfigError(f"config.losses.{name}.weight_schedule needs start in [0, 1] and power > 0")
   return {k: (int(v) if k == "warmup_steps" else float(v)) for k, v in schedule.items()}
 
 
@@ -148,7 +149,7 @@ def _check_kwargs(name: str, fn: LossFn, kwargs: dict[str, Any]) -> None:
   try:
     inspect.signature(fn).bind(None, None, **kwargs)
   except TypeError as e:
-    raise ValueError(f"config.losses.{name}: {e} (loss function {fn.__name__})") from None
+    raise ConfigError(f"config.losses.{name}: {e} (loss function {fn.__name__})") from None
 
 
 def parse_entries(losses_config: Any) -> list[LossEntry]:
@@ -158,7 +159,7 @@ def parse_entries(losses_config: Any) -> list[LossEntry]:
     entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
     fn = get(entry.pop("fn", log_name))
     if "weight" not in entry:
-      raise ValueError(f"config.losses.{log_name} needs a 'weight'")
+      raise ConfigError(f"config.losses.{log_name} needs a 'weight'")
     weight = float(entry.pop("weight"))
     schedule = entry.pop("weight_schedule", None)
     if schedule is not None:
@@ -166,7 +167,7 @@ def parse_entries(losses_config: Any) -> list[LossEntry]:
     _check_kwargs(log_name, fn, entry)
     entries.append(LossEntry(log_name, fn, weight, entry, schedule))
   if not entries:
-    raise ValueError("config.losses is empty: a run needs at least one loss")
+    raise ConfigError("config.losses is empty: a run needs at least one loss")
   return entries
 
 

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.losses import LossContext, Metrics, register
 
 CLIP_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned scale at 100.
@@ -71,7 +72,7 @@ def siglip(outputs: dict[str, jax.Array], ctx: LossContext) -> tuple[jax.Array, 
   """
   del ctx
   if "logit_bias" not in outputs:
-    raise ValueError("siglip needs a learnable bias: set model.logit_bias_init (e.g. -10.0)")
+    raise ConfigError("siglip needs a learnable bias: set model.logit_bias_init (e.g. -10.0)")
   scale = jnp.exp(outputs["logit_scale"])
   logits = scale * similarity(outputs) + outputs["logit_bias"]
   signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0

@@ -40,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.losses import LossContext, Metrics, register, require
 from vlalign.losses.momentum import clamped_temperature, teacher_array
 
@@ -59,7 +60,7 @@ def pool_patches(tokens: jax.Array, grid: int = 4) -> jax.Array:
   batch, num, dim = tokens.shape
   side = math.isqrt(num)
   if side * side != num or side % grid:
-    raise ValueError(
+    raise ConfigError(
       f"{num} patch tokens: need a square h x h grid with h divisible by {grid} for LMI pooling"
     )
   kernel = side // grid

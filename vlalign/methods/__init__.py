@@ -8,6 +8,7 @@ this package is found when its module is listed in `config.imports`.
 
 from typing import Any
 
+from vlalign.errors import ConfigError
 from vlalign.registry import Registry
 
 METHODS: Registry[type] = Registry("method", "vlalign.methods")
@@ -17,5 +18,5 @@ register = METHODS.register
 def build_method(config: Any, model: Any, tokenizer: Any) -> Any:
   """The method `config.method`, validated against `config`, for `model` and `tokenizer`."""
   if "method" not in config:
-    raise ValueError(f"config lacks 'method'; registered methods: {METHODS.names()}")
+    raise ConfigError(f"config lacks 'method'; registered methods: {METHODS.names()}")
   return METHODS.get(config.method)(config, model, tokenizer)

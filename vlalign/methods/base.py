@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from vlalign.errors import ConfigError
 from vlalign.losses import LossContext
 from vlalign.methods import register
 
@@ -32,12 +33,12 @@ RNG_STREAMS = ("dropout", "teacher", "mask", "sample")
 def check_section(config: Any, section: str, required: set[str], optional: set[str]) -> dict:
   """`config[section]` as a dict, with a clear error for missing or unknown fields."""
   if config.get(section) is None:
-    raise ValueError(f"config.{section} is required by method {config.method!r}")
+    raise ConfigError(f"config.{section} is required by method {config.method!r}")
   fields = config[section]
   fields = dict(fields.to_dict() if hasattr(fields, "to_dict") else fields)
   missing, unknown = required - set(fields), set(fields) - required - optional
   if missing or unknown:
-    raise ValueError(
+    raise ConfigError(
       f"config.{section}: missing {sorted(missing)}, unknown {sorted(unknown)}; fields of "
       f"method {config.method!r}: required {sorted(required)}, optional {sorted(optional)}"
     )

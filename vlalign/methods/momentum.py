@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.data import pipeline
+from vlalign.errors import ConfigError
 from vlalign.losses import LossContext
 from vlalign.losses.matching import mask_tokens, sample_hard_negatives
 from vlalign.losses.momentum import clamped_temperature
@@ -121,20 +122,20 @@ class MomentumDistillation(Method):
     teacher = check_section(config, "teacher", _TEACHER_REQUIRED, _TEACHER_OPTIONAL)
     queue_size, batch_size = int(teacher["queue_size"]), int(config.batch_size)
     if queue_size <= 0 or queue_size % batch_size:
-      raise ValueError(
+      raise ConfigError(
         f"config.teacher.queue_size={queue_size} must be a positive multiple of the global batch "
         f"size {batch_size} (each step writes one global batch of teacher features)"
       )
     if not 0.0 <= float(teacher["momentum"]) <= 1.0:
-      raise ValueError(f"config.teacher.momentum={teacher['momentum']} must be in [0, 1]")
+      raise ConfigError(f"config.teacher.momentum={teacher['momentum']} must be in [0, 1]")
     if not 0.0 <= float(teacher["alpha"]) <= 1.0:
-      raise ValueError(f"config.teacher.alpha={teacher['alpha']} must be in [0, 1]")
+      raise ConfigError(f"config.teacher.alpha={teacher['alpha']} must be in [0, 1]")
     if int(teacher["alpha_warmup_steps"]) <= 0:
-      raise ValueError("config.teacher.alpha_warmup_steps must be > 0")
+      raise ConfigError("config.teacher.alpha_warmup_steps must be > 0")
     self.image_key = teacher.get("image_key", "image")
     batch_keys = pipeline.train_batch_keys(config.data)
     if self.image_key not in batch_keys:
-      raise ValueError(
+      raise ConfigError(
         f"config.teacher.image_key={self.image_key!r} is not a key of the train batch "
         f"{batch_keys}; the second view 'image_aug' needs config.data.augment_views=2"
       )
@@ -151,7 +152,7 @@ class MomentumDistillation(Method):
 
   def _require_model_method(self, name: str, section: str) -> None:
     if not hasattr(self.model, name):
-      raise ValueError(
+      raise ConfigError(
         f"config.{section} needs a model with `{name}` (an ITM / MLM head): "
         f"config.model.name={self.config.model.get('name')!r} has none; use 'albef'"
       )
@@ -164,7 +165,7 @@ class MomentumDistillation(Method):
     for key, value in want.items():
       given = mlm.get(key)
       if given is not None and (tuple(given) if isinstance(value, tuple) else given) != value:
-        raise ValueError(f"config.mlm.{key}={given} disagrees with the tokenizer's {value}")
+        raise ConfigError(f"config.mlm.{key}={given} disagrees with the tokenizer's {value}")
       mlm[key] = value
     mlm["vocab_size"] = int(self.config.model.text.vocab_size)
     return mlm

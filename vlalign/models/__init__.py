@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from vlalign.errors import ConfigError
 from vlalign.registry import Registry
 
 TOWERS: Registry[type[nn.Module]] = Registry("tower", "vlalign.models")
@@ -41,13 +42,13 @@ def build_tower(tower_config: Any, where: str, **common: Any) -> nn.Module:
   """
   fields = dict(tower_config.to_dict() if hasattr(tower_config, "to_dict") else tower_config)
   if "kind" not in fields:
-    raise ValueError(f"config.{where} needs a 'kind'; registered towers: {TOWERS.names()}")
+    raise ConfigError(f"config.{where} needs a 'kind'; registered towers: {TOWERS.names()}")
   kind = fields.pop("kind")
   cls = TOWERS.get(kind)
   allowed = tower_fields(kind)
   unknown = sorted(set(fields) - allowed)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"config.{where} has fields {unknown} that tower kind {kind!r} does not take; "
       f"it takes {sorted(allowed - set(common))}"
     )
@@ -58,5 +59,5 @@ def build_tower(tower_config: Any, where: str, **common: Any) -> nn.Module:
 def build_model(model_config: Any) -> nn.Module:
   """The composite model named by `model_config.name`, configured by `model_config`."""
   if "name" not in model_config:
-    raise ValueError(f"config.model needs a 'name'; registered models: {MODELS.names()}")
+    raise ConfigError(f"config.model needs a 'name'; registered models: {MODELS.names()}")
   return MODELS.get(model_config.name)(model_config)

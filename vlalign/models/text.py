@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
 
@@ -33,7 +34,7 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
     weights = (mask > 0).astype(jnp.float32)[..., None]
     total = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1)
     return (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(tokens.dtype)
-  raise ValueError(f"unknown text pool {pool!r}; choose one of {POOLS}")
+  raise ConfigError(f"unknown text pool {pool!r}; choose one of {POOLS}")
 
 
 @TOWERS.register("text_transformer")
@@ -65,7 +66,7 @@ class TextTransformer(nn.Module):
 
   def setup(self):
     if self.pool not in POOLS:
-      raise ValueError(f"unknown text pool {self.pool!r}; choose one of {POOLS}")
+      raise ConfigError(f"unknown text pool {self.pool!r}; choose one of {POOLS}")
     self.token_embed = nn.Embed(
       self.vocab_size,
       self.width,
@@ -95,7 +96,7 @@ class TextTransformer(nn.Module):
     """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
     length = ids.shape[1]
     if length > self.max_len:
-      raise ValueError(
+      raise ConfigError(
         f"text length {length} exceeds model.text.max_len={self.max_len}; "
         "truncate the text or raise max_len"
       )

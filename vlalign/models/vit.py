@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder
 
@@ -11,7 +12,7 @@ from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder
 def check_patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
   """The `(rows, cols)` patch grid of an `height x width` image; ValueError if it does not tile."""
   if height % patch_size or width % patch_size:
-    raise ValueError(
+    raise ConfigError(
       f"image size {height}x{width} is not a multiple of the patch size {patch_size}; "
       "resize or crop the images, or change model.image.patch_size"
     )

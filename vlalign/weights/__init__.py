@@ -30,6 +30,7 @@ from absl import logging
 from vlalign import checkpoint as ckpt_lib
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
+from vlalign.errors import ConfigError, PathError
 from vlalign.registry import Registry
 
 Loader = Callable[[dict[str, Any], tuple[str, ...], Any], Any]
@@ -39,7 +40,7 @@ LOADERS: Registry[Loader] = Registry("init loader", "vlalign.weights")
 def split_path(path: str, where: str) -> tuple[str, ...]:
   keys = tuple(k for k in str(path).split("/") if k)
   if not keys:
-    raise ValueError(f"config.{where} must name a parameter sub-tree, got {path!r}")
+    raise ConfigError(f"config.{where} must name a parameter sub-tree, got {path!r}")
   return keys
 
 
@@ -49,7 +50,7 @@ def get_subtree(params: Any, keys: tuple[str, ...], where: str) -> Any:
   for depth, key in enumerate(keys):
     if not isinstance(node, dict) or key not in node:
       have = sorted(node) if isinstance(node, dict) else []
-      raise ValueError(
+      raise ConfigError(
         f"config.{where}: the model has no parameter sub-tree {'/'.join(keys[: depth + 1])!r}; "
         f"at that level it has {have}"
       )
@@ -77,21 +78,21 @@ def load_from_checkpoint(entry: dict[str, Any], target: tuple[str, ...], abstrac
   """The sub-tree `entry["source"]` (default `target`) of another run's parameters."""
   unknown = set(entry) - {"workdir", "step", "source"}
   if unknown or "workdir" not in entry:
-    raise ValueError(f"init loader 'checkpoint' takes workdir, step, source; got {sorted(entry)}")
+    raise ConfigError(f"init loader 'checkpoint' takes workdir, step, source; got {sorted(entry)}")
   root = workdir_lib.as_path(entry["workdir"])
   directory = root / workdir_lib.CHECKPOINTS
   if not directory.exists():
     directory = root
   if not directory.exists():
-    raise FileNotFoundError(f"config.init: no checkpoint directory at {root}")
+    raise PathError(f"config.init: no checkpoint directory at {root}")
   ckpt = ckpt_lib.Checkpointer(str(directory), async_save=False, create=False)
   try:
     steps = ckpt.all_steps()
     if not steps:
-      raise FileNotFoundError(f"config.init: {directory} holds no checkpoint")
+      raise PathError(f"config.init: {directory} holds no checkpoint")
     step = steps[-1] if entry.get("step") is None else int(entry["step"])
     if step not in steps:
-      raise ValueError(f"config.init: no step {step} in {directory}; available: {steps}")
+      raise ConfigError(f"config.init: no step {step} in {directory}; available: {steps}")
     source = split_path(entry.get("source") or "/".join(target), "init.source")
     values = ckpt.restore_subtree(step, source, abstract)
   finally:
@@ -113,12 +114,12 @@ def check_init_config(init_config: Any) -> list[tuple[str, dict[str, Any]]]:
   for name, entry in dict(init_config or {}).items():
     entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
     if "target" not in entry or "loader" not in entry:
-      raise ValueError(f"config.init.{name} needs a 'target' sub-tree and a 'loader'")
+      raise ConfigError(f"config.init.{name} needs a 'target' sub-tree and a 'loader'")
     LOADERS.get(entry["loader"])
     entries.append((name, entry))
   targets = [e["target"] for _, e in entries]
   if len(set(targets)) != len(targets):
-    raise ValueError(f"config.init names a target twice: {targets}")
+    raise ConfigError(f"config.init names a target twice: {targets}")
   return entries
 
 
