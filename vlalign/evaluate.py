@@ -80,11 +80,11 @@ def evaluate(
   finally:
     ckpt.close()
 
-  evaluators = trainer.build_evaluators(setup)
+  evaluators = trainer.build_evaluators(setup, workdir_lib.as_path(output_dir or workdir))
   results = {}
   with jax.set_mesh(setup.mesh):
     for name, ev in evaluators.items():
-      results[name] = {k: float(v) for k, v in ev.run(params).items()}
+      results[name] = {k: float(v) for k, v in ev.run(params, step=step).items()}
       logging.info("%s: %s", name, results[name])
   paths = None
   if jax.process_index() == 0:

@@ -4,8 +4,10 @@
     ctx     = method.before_gradient(state, batch, rng)
     grads   = grad of sum_i weight_i(step) * loss_i(method.forward(params, ctx), ctx)
               (frozen parameters enter the forward pass through stop_gradient)
-    params  = optax update; frozen leaves are carried over unchanged
+    params  = optax update
     extras  = method.after_update(ctx, outputs, params)
+    params  = method.refresh_params(ctx, params, extras); frozen leaves carried over unchanged
+    metrics = losses' metrics + method.step_metrics(ctx, outputs, extras) + norms, lr
 
 Everything method-specific (teachers, queues, masking, views, schedules) is in the method's hooks
 (`vlalign/methods/base.py`); everything a loss reads is in the `LossContext`
@@ -62,12 +64,15 @@ def make_train_step(
     grads, (metrics, outputs) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    outputs = jax.lax.stop_gradient(outputs)
+    extras = method.after_update(ctx, outputs, params)
+    params = method.refresh_params(ctx, params, extras)
     if frozen is not None:
       params = select(frozen, state.params, params)
-    extras = method.after_update(ctx, jax.lax.stop_gradient(outputs), params)
     metrics = {
       **{k: jnp.asarray(v, jnp.float32) for k, v in ctx.schedules.items()},
       **metrics,
+      **method.step_metrics(ctx, outputs, extras),
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
       "lr": schedule(state.step),

@@ -267,8 +267,9 @@ def check_batch(local: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
       raise ValueError(f"input batch[{key!r}] is {desc}, the step expects {want} per process")
 
 
-def build_evaluators(setup: Setup) -> dict[str, Any]:
-  """The evaluators of `config.evals`, calling the method's prediction functions on the mesh."""
+def build_evaluators(setup: Setup, output_dir: Any = None) -> dict[str, Any]:
+  """The evaluators of `config.evals`, calling the method's prediction functions on the mesh;
+  those that write files (plots) write them into `output_dir` (process 0 only)."""
   config = setup.config
   if not config.get("evals"):
     return {}
@@ -284,6 +285,7 @@ def build_evaluators(setup: Setup) -> dict[str, Any]:
     tokenizer=setup.tokenizer,
     data_config=config.data,
     default_batch_size=batch_size,
+    output_dir=output_dir if jax.process_index() == 0 else None,
   )
 
 
@@ -295,7 +297,7 @@ def run_evaluators(evaluators: dict, params, step: int, final: bool) -> dict[str
     if not due:
       continue
     start = time.perf_counter()
-    results = ev.run(params)
+    results = ev.run(params, step=step)
     logging.info("eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - start, results)
     out.update({f"eval/{name}/{k}": float(v) for k, v in results.items()})
   return out
@@ -380,7 +382,7 @@ def _finished_run(setup: Setup, workdir, step: int, params, tag: str) -> dict[st
     return final
   logging.info("%s finished at step %d without final results: evaluating now", workdir, step)
   final = _logged_metrics(workdir, step)
-  evaluators = build_evaluators(setup)
+  evaluators = build_evaluators(setup, workdir)
   with jax.set_mesh(setup.mesh):
     final.update(run_evaluators(evaluators, params, step, final=True))
   _write_results(setup.config, workdir, step, final, evaluators, tag)
@@ -527,7 +529,7 @@ def _train_locked(setup: Setup, workdir, tag: str) -> dict[str, float]:
 
 def _train_loop(setup, workdir, tag, ckpt, data_iter, state, step) -> dict[str, float]:
   config, mesh = setup.config, setup.mesh
-  evaluators = build_evaluators(setup)
+  evaluators = build_evaluators(setup, workdir)
   compile_start = time.perf_counter()
   compiled_step = lower_step(setup).compile()
   logging.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)

@@ -40,20 +40,25 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path if is_uri(path) else os.path.abspath(path))
 
 
-def write_text(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` atomically on local disks (temporary file + rename)."""
+def write_bytes(path: epath.Path, data: bytes) -> None:
+  """Writes `data` to `path` atomically on local disks (temporary file + rename)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if is_uri(path):
-    path.write_text(text)
+    path.write_bytes(data)
     return
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def write_text(path: epath.Path, text: str) -> None:
+  """Writes `text` to `path` atomically on local disks (temporary file + rename)."""
+  write_bytes(path, text.encode())
 
 
 def append_text(path: epath.Path, text: str) -> None:

@@ -47,6 +47,7 @@ def build_evaluators(
   data_config: Any,
   default_batch_size: int,
   check_only: bool = False,
+  output_dir: Any = None,
 ) -> dict[str, Evaluator]:
   """Builds one evaluator per entry of `evals_config` (a ConfigDict or dict), in its order.
 
@@ -57,11 +58,12 @@ def build_evaluators(
     data_config: `config.data`, passed to `vlalign.data.pipeline`.
     default_batch_size: encode batch of evaluators that set no `batch_size`.
     check_only: only validate every entry (no data is loaded); returns `{}`.
+    output_dir: where evaluators may write files (plots); None: they write none.
 
   Returns:
     `{name: evaluator}`.
   """
-  ctx = EvalContext(predict, tokenizer, data_config, default_batch_size, check_only)
+  ctx = EvalContext(predict, tokenizer, data_config, default_batch_size, check_only, output_dir)
   evaluators = {}
   for name, settings in _as_dict(evals_config).items():
     settings = _as_dict(settings)

@@ -18,7 +18,9 @@ class Evaluator(Protocol):
   name: str
   every_steps: int
 
-  def run(self, params: Any) -> dict[str, float]: ...
+  def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+    """`{metric: value}` of `params` (from train step `step`, for evaluators that write files)."""
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,7 @@ class EvalContext:
     default_batch_size: encode batch of evaluators that set no `batch_size`.
     check_only: builders validate their settings (fields, the prediction functions, whether the
       split can give meaningful metrics) and return None without loading data.
+    output_dir: where evaluators may write files (plots), or None (they write none).
   """
 
   predict: Mapping[str, Callable[..., Any]]
@@ -40,6 +43,7 @@ class EvalContext:
   data_config: Any
   default_batch_size: int
   check_only: bool = False
+  output_dir: Any = None
 
   def predict_fn(self, fn_name: str, evaluator: str, kind: str) -> Callable[..., Any]:
     """`predict[fn_name]`, or a clear error naming what the configured method provides."""

@@ -339,8 +339,9 @@ class RerankRetrievalEvaluator(RetrievalEvaluator):
 
     return sim, *reranked_matrices(sim, score_pairs, self.k)
 
-  def run(self, params: Any) -> dict[str, float]:
+  def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """ITC metrics under `itc_*` and ITM re-ranked metrics under the plain names (percent)."""
+    del step  # Writes no files named by the step.
     sim, i2t, t2i = self.score_matrices(params)
     itc = retrieval_metrics(sim, self.txt2img, self.img2txt, self.ks, self.ties)
     metrics = {f"itc_{key}": value for key, value in itc.items()}

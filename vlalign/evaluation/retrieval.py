@@ -261,8 +261,9 @@ class RetrievalEvaluator:
       self._encode_text, params, (self.text_ids, self.text_mask), self.batch_size
     )
 
-  def run(self, params: Any) -> dict[str, float]:
+  def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """Embeds the split with `params` and returns `retrieval_metrics` (percent)."""
+    del step  # Writes no files named by the step.
     sim = self.embed_images(params) @ self.embed_texts(params).T  # [N_img, N_txt]
     return retrieval_metrics(sim, self.txt2img, self.img2txt, self.ks, self.ties)
 

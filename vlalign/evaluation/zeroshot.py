@@ -127,8 +127,9 @@ class ZeroShotEvaluator:
     if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
       raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
 
-  def run(self, params: Any) -> dict[str, float]:
+  def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """Returns `{"acc": top-1 accuracy, "chance": 100 / C}` in percent."""
+    del step  # Writes no files named by the step.
     class_emb = class_embeddings(
       self._encode_text,
       params,

@@ -8,6 +8,8 @@ The generic train step (`vlalign/step.py`) runs, for every method:
     grads of  sum_i w_i * loss_i(method.forward(params, ctx), ctx)   over the trainable params
     params = optimizer update (frozen sub-trees never change)
     extras = method.after_update(ctx, outputs, params)       # EMA statistics, enqueue, ...
+    params = method.refresh_params(ctx, params, extras)      # e.g. re-initialise dead codes
+    metrics += method.step_metrics(ctx, outputs, extras)     # e.g. codebook health
 
 and the trainer asks it for the extra train state (`init_extras`), the sub-trees it keeps frozen
 (`frozen_patterns`) and the prediction functions its evaluators need (`predict_fns`). A subclass
@@ -105,6 +107,19 @@ class Method:
     """
     del outputs, params
     return ctx.extras
+
+  def refresh_params(self, ctx: LossContext, params: Any, extras: dict[str, Any]) -> Any:
+    """Parameters after the update and `after_update`, changed by a rule rather than a gradient
+    (e.g. dead codebook entries re-initialised). Frozen leaves stay unchanged whatever this does."""
+    del ctx, extras
+    return params
+
+  def step_metrics(
+    self, ctx: LossContext, outputs: Outputs, extras: dict[str, Any]
+  ) -> dict[str, jax.Array]:
+    """Scalars to log as `train/<name>` besides the losses' (e.g. statistics kept in `extras`)."""
+    del ctx, outputs, extras
+    return {}
 
   def predict_fns(self) -> dict[str, Callable[..., Any]]:
     """Pure `(params, *arrays) -> arrays` functions the evaluators call by name (the trainer jits

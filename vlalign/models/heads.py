@@ -37,3 +37,29 @@ class Projection(nn.Module):
     if self.hidden is not None:
       x = nn.gelu(dense(self.hidden, "hidden")(x), approximate=False)
     return dense(self.embed_dim, "out")(x)
+
+
+class Codebook(nn.Module):
+  """K learnable cluster centres in the joint embedding space, returned L2-normalised.
+
+  The raw centres (`centres` `[K, E]`, float32) are free parameters, initialised as random unit
+  vectors; every forward pass normalises them (SwAV renormalises its prototypes after each update
+  instead; normalising in the forward keeps that out of the optimizer and lets the gradient see
+  it).
+
+  Attributes:
+    size: K.
+    dim: E.
+  """
+
+  size: int
+  dim: int
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    """`[K, E]` float32 unit rows."""
+
+    def init(rng, shape, dtype=PARAM_DTYPE):
+      return l2_normalize(jax.random.normal(rng, shape, dtype))
+
+    return l2_normalize(self.param("centres", init, (self.size, self.dim), PARAM_DTYPE))

@@ -13,6 +13,8 @@ Model config fields (see configs/common.py):
          kind="vit": image_size, patch_size, width, depth, num_heads, mlp_dim, dropout
   text: dict(kind, ...) a text tower, e.g. kind="text_transformer": vocab_size, max_len, width,
         depth, num_heads, mlp_dim, causal, pool, dropout
+  codebook_size: K > 0 adds a codebook of K learnable centres in the joint space (output
+                 `codebook` `[K, E]`, unit rows; CODIS); 0 or absent: none
   remat: recompute block activations in the backward pass
   albef only: fusion_depth (number of fusion blocks; heads, mlp_dim and dropout from `text`),
               tie_mlm (default True: the MLM decoder reuses the text token embedding table)
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 from vlalign.models import MODELS, build_tower
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
-from vlalign.models.heads import Projection, l2_normalize
+from vlalign.models.heads import Codebook, Projection, l2_normalize
 
 Batch = dict[str, jax.Array]
 Outputs = dict[str, jax.Array]
@@ -61,6 +63,8 @@ class TwoTower(nn.Module):
       self.logit_bias = self.param(
         "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32
       )
+    if c.get("codebook_size"):
+      self.codebook = Codebook(int(c.codebook_size), int(c.embed_dim))
 
   def encode_image(self, images: jax.Array, train: bool = False) -> Outputs:
     """images `[B, H, W, 3]` -> `img/cls` `[B, Di]`, `img/tokens` `[B, N, Di]`, `img/emb`
@@ -82,10 +86,13 @@ class TwoTower(nn.Module):
     }
 
   def scalars(self) -> Outputs:
-    """`logit_scale` (and `logit_bias` when configured), float32 scalars."""
+    """`logit_scale` (and `logit_bias` when configured), float32 scalars, and the `codebook`
+    `[K, E]` when configured: what does not depend on the batch."""
     out = {"logit_scale": self.logit_scale}
     if self.config.get("logit_bias_init") is not None:
       out["logit_bias"] = self.logit_bias
+    if self.config.get("codebook_size"):
+      out["codebook"] = self.codebook()
     return out
 
   def __call__(self, batch: Batch, train: bool = False) -> Outputs:
