@@ -21,7 +21,7 @@ def _config(name, variant):
 
 
 def test_there_are_method_configs():
-  assert {"clip", "siglip", "albef", "tcl"} <= set(METHOD_CONFIGS)
+  assert {"clip", "siglip", "albef", "tcl", "codis"} <= set(METHOD_CONFIGS)
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
@@ -54,6 +54,17 @@ def test_full_tcl_train_step_compiles():
   compiled = trainer.lower_step(trainer.build(config)).compile()
   memory = trainer.log_memory_analysis(compiled)
   assert memory["argument_size_mib"] > 0
+
+
+@pytest.mark.slow
+def test_full_codis_train_step_compiles():
+  """CODIS at the published sizes (ViT-B/16, BERT 6 + 6, 4,096 centres, queue 65,536: Sinkhorn over
+  [batch | queue] x centres) compiles on the 8 simulated devices, 2 pairs per device."""
+  config = _config("codis", "full")
+  config.batch_size = 2 * jax.device_count()
+  config.teacher.queue_size = 64 * config.batch_size
+  compiled = trainer.lower_step(trainer.build(config)).compile()
+  assert trainer.log_memory_analysis(compiled)["argument_size_mib"] > 0
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)

@@ -298,7 +298,8 @@ def test_build_evaluators_from_config(monkeypatch):
 def test_build_evaluators_errors(monkeypatch):
   _fake_pipeline(monkeypatch)
   with pytest.raises(
-    ValueError, match=r"unknown type 'patchdis'.*\['retrieval', 'retrieval_itm', 'zeroshot'\]"
+    ValueError,
+    match=r"unknown type 'patchdis'.*\['codebook', 'retrieval', 'retrieval_itm', 'zeroshot'\]",
   ):
     _build({"p": {"type": "patchdis", "split": "val"}})
   with pytest.raises(ValueError, match=r"unknown type None"):

@@ -44,31 +44,19 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_three_steps_through_the_real_entry_point(tmp_path):
-  workdir = tmp_path / "run"
-  cmd = _train_cmd(
-    workdir,
-    "--config.total_steps=3",
-    "--config.log_every=1",
-  )
-  result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  losses = _losses(str(workdir))
-  assert sorted(losses) == [1, 2, 3]
-  assert checkpoint.Checkpointer(str(workdir / "checkpoints")).latest_step() == 3
-  assert (workdir / "eval_step3.md").exists()  # the tiny config's evaluators ran at the end
-
-
 RESULT_FILES = ("config.json", "metrics.jsonl", "final_metrics.json", "eval_step3.json",
                 "eval_step3.md")  # fmt: skip
 
 
 def test_rerunning_a_finished_run_leaves_its_results_byte_identical(tmp_path):
+  """The binary trains 3 steps, checkpoints and evaluates; reruns change no result file."""
   workdir = tmp_path / "run"
   cmd = _train_cmd(workdir, "--config.total_steps=3", "--config.log_every=1")
   first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
   before = {name: (workdir / name).read_bytes() for name in RESULT_FILES}
+  assert sorted(_losses(str(workdir))) == [1, 2, 3]
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints")).latest_step() == 3
   assert b'"eval/retrieval_test/t2i_r1"' in before["final_metrics.json"]
 
   again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

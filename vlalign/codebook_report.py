@@ -45,13 +45,14 @@ def code_page(
   num_codes: int,
   per_code: int,
 ) -> list[dict[str, Any]]:
-  """The most used codes, each `{code, images, texts, image_ids, caption_ids}`, most used first.
+  """The most used codes, each `{code, images, texts, image_ids, captions}` (the nearest images
+  and distinct captions), most used first.
 
-  Args:
-    codebook: `[K, E]` unit centres.
-    image_emb: `[N_img, E]`, text_emb `[N_txt, E]` unit embeddings of the split.
-    captions: the `N_txt` caption strings.
-    num_codes: how many codes; per_code: how many members of each to show.
+    Args:
+      codebook: `[K, E]` unit centres.
+      image_emb: `[N_img, E]`, text_emb `[N_txt, E]` unit embeddings of the split.
+      captions: the `N_txt` caption strings.
+      num_codes: how many codes; per_code: how many members of each to show.
   """
   image_scores, text_scores = image_emb @ codebook.T, text_emb @ codebook.T
   image_codes, text_codes = image_scores.argmax(1), text_scores.argmax(1)
@@ -61,14 +62,20 @@ def code_page(
     if usage[code] == 0:
       break
     image_ids = nearest(image_scores[:, code], np.flatnonzero(image_codes == code), per_code)
-    caption_ids = nearest(text_scores[:, code], np.flatnonzero(text_codes == code), per_code)
+    members = np.flatnonzero(text_codes == code)
+    distinct = []  # the nearest distinct captions (many images share a caption)
+    for i in nearest(text_scores[:, code], members, len(members)):
+      if captions[i] not in distinct:
+        distinct.append(captions[i])
+      if len(distinct) == per_code:
+        break
     entries.append(
       {
         "code": int(code),
         "images": int(np.sum(image_codes == code)),
         "texts": int(np.sum(text_codes == code)),
         "image_ids": [int(i) for i in image_ids],
-        "captions": [captions[i] for i in caption_ids],
+        "captions": distinct,
       }
     )
   return entries
