@@ -204,7 +204,9 @@ def fresh_state(setup: Setup, rng: jax.Array) -> Any:
   says), then the optimizer state and the method's extras made from them."""
   param_shardings = setup.state_shardings.params
   params = jax.jit(setup.init_params, out_shardings=param_shardings)(rng)
-  params = weights.apply_init(setup.config.get("init"), params, setup.abstract_state.params)
+  params = weights.apply_init(
+    setup.config.get("init"), params, setup.abstract_state.params, setup.config.model
+  )
   make_state = jax.jit(setup.init_state, out_shardings=setup.state_shardings, donate_argnums=(0,))
   return make_state(params, rng)
 

@@ -3,7 +3,9 @@
 Every tokenizer lays out a text of `n` tokens in `L = max_len` slots as
 `[CLS] w1 ... wn [EOS] [PAD] ...`, with `[PAD] = 0`. Texts longer than `L - 2` tokens are cut so
 that `[CLS]` stays first and `[EOS]` last. The mask is 1 on `[CLS]`, the words and `[EOS]`, 0 on
-padding. A BERT WordPiece or SentencePiece tokenizer can be added later behind the same Protocol.
+padding. `data.tokenizer` picks one: `shapes_words` (the embedded dataset's words) or
+`tokenizer_json` (a Hugging Face `tokenizer.json` at `data.tokenizer_path`: BERT WordPiece, CLIP
+BPE, ...), whose special ids come from the tokenizer, never from constants here.
 """
 
 import re
@@ -13,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vlalign.data import shapes
-from vlalign.errors import ConfigError
+from vlalign.errors import ConfigError, PathError
 
 PAD, UNK, CLS, EOS, MASK = "[PAD]", "[UNK]", "[CLS]", "[EOS]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, EOS, MASK)
@@ -111,12 +113,118 @@ class WordTokenizer:
     )
 
 
-TOKENIZERS = ("shapes_words",)
+# Names of each special token in the common tokenizer families, in order of preference, for a
+# `tokenizer.json` without a `special_tokens_map.json` / `tokenizer_config.json` beside it.
+_SPECIAL_CANDIDATES = {
+  "cls": ("[CLS]", "<s>", "<|startoftext|>", "<bos>"),
+  "eos": ("[SEP]", "</s>", "<|endoftext|>", "<eos>"),
+  "pad": ("[PAD]", "<pad>"),
+  "mask": ("[MASK]", "<mask>"),
+  "unk": ("[UNK]", "<unk>", "<|endoftext|>"),
+}
+# Fields of Hugging Face's special-token maps for each role, in order of preference.
+_SPECIAL_FIELDS = {
+  "cls": ("cls_token", "bos_token"),
+  "eos": ("sep_token", "eos_token"),
+  "pad": ("pad_token",),
+  "mask": ("mask_token",),
+  "unk": ("unk_token",),
+}
+
+
+def _special_tokens_map(directory: Any) -> dict[str, str]:
+  """Role fields (`cls_token`, ...) -> token text, from the files beside tokenizer.json."""
+  import json  # noqa: PLC0415
+
+  found: dict[str, str] = {}
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins
+    path = directory / name
+    if path.exists():
+      for key, value in json.loads(path.read_text()).items():
+        value = value.get("content") if isinstance(value, dict) else value
+        if key.endswith("_token") and isinstance(value, str):
+          found[key] = value
+  return found
+
+
+class JsonTokenizer:
+  """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`) behind the `Tokenizer` contract.
+
+  The text is split by the tokenizer's own normalizer, pre-tokenizer and model (lower-casing,
+  accent stripping and WordPiece for BERT; byte-level BPE for CLIP); the layout is this module's
+  (`[CLS] t1 .. tk [SEP] [PAD]..` with `k <= L - 2`, which is what BERT's tokenizer gives with
+  `truncation=True, padding="max_length"`). Special ids come from `special_tokens_map.json` /
+  `tokenizer_config.json` beside the file, else from the token names the common families use.
+  Without a pad token, `[PAD]` is id 0 (as open_clip pads); without a mask token, `mask_id` is -1
+  and a method that masks tokens refuses the tokenizer.
+
+  Args:
+    path: `tokenizer.json`, or the directory holding it (an `epath.Path` or string).
+  """
+
+  def __init__(self, path: Any):
+    from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
+
+    from vlalign import workdir as workdir_lib  # noqa: PLC0415
+
+    path = workdir_lib.as_path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+      raise PathError(f"data.tokenizer_path: no tokenizer.json at {path}")
+    self.path = file
+    self._tok = HFTokenizer.from_str(file.read_text())
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    named = _special_tokens_map(file.parent)
+    ids = {}
+    for role, fields in _SPECIAL_FIELDS.items():
+      names = [named[f] for f in fields if f in named] + list(_SPECIAL_CANDIDATES[role])
+      ids[role] = next((vocab[n] for n in names if n in vocab), None)
+    for role in ("cls", "eos"):
+      if ids[role] is None:
+        raise ConfigError(f"{file}: no {role} token found (looked for {_SPECIAL_CANDIDATES[role]})")
+    self.cls_id, self.eos_id = ids["cls"], ids["eos"]
+    self.pad_id = 0 if ids["pad"] is None else ids["pad"]
+    self.mask_id = -1 if ids["mask"] is None else ids["mask"]
+    self.unk_id = self.eos_id if ids["unk"] is None else ids["unk"]
+
+  def token_ids(self, text: str) -> list[int]:
+    """Ids of the tokens of `text`, without special tokens."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode(self, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [L] int32, mask [L] int32)`, `L = max_len` (see the module docstring)."""
+    return layout(self.token_ids(text), max_len, self.cls_id, self.eos_id, self.pad_id)
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [N, L] int32, mask [N, L] int32)`, tokenized in one call to the Rust tokenizer."""
+    ids = np.zeros((len(texts), max_len), dtype=np.int32)
+    mask = np.zeros((len(texts), max_len), dtype=np.int32)
+    encoded = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    for row, enc in enumerate(encoded):
+      ids[row], mask[row] = layout(enc.ids, max_len, self.cls_id, self.eos_id, self.pad_id)
+    return ids, mask
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of `ids` without special tokens (the tokenizer's own decoder)."""
+    return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
+TOKENIZERS = ("shapes_words", "tokenizer_json")
 
 
 def build_tokenizer(data_config: Any) -> Tokenizer:
-  """The tokenizer named by `data_config.tokenizer` (default "shapes_words")."""
+  """The tokenizer named by `data_config.tokenizer` (default "shapes_words"); `tokenizer_json`
+  reads `data_config.tokenizer_path` (a location as in `vlalign.weights.hf.resolve_location`)."""
   name = data_config.get("tokenizer", "shapes_words")
   if name == "shapes_words":
     return WordTokenizer(shapes.vocabulary())
+  if name == "tokenizer_json":
+    from vlalign.weights import hf  # noqa: PLC0415
+
+    if not data_config.get("tokenizer_path"):
+      raise ConfigError("data.tokenizer='tokenizer_json' needs data.tokenizer_path")
+    return JsonTokenizer(hf.resolve_location(data_config.tokenizer_path, "data.tokenizer_path"))
   raise ConfigError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)}")

@@ -161,6 +161,11 @@ class MomentumDistillation(Method):
     """`mlm` with the tokenizer's `mask_id` and `special_ids` ([CLS], [PAD]: the ids ALBEF never
     masks); ids the config sets must agree with the tokenizer."""
     tok = self.tokenizer
+    if tok.mask_id < 0:
+      raise ConfigError(
+        "config.losses.mlm needs a tokenizer with a mask token; the tokenizer has none "
+        "(drop the mlm loss or use a tokenizer with [MASK])"
+      )
     want = {"mask_id": tok.mask_id, "special_ids": (tok.cls_id, tok.pad_id)}
     for key, value in want.items():
       given = mlm.get(key)

@@ -33,7 +33,8 @@ from vlalign import workdir as workdir_lib
 from vlalign.errors import ConfigError, PathError
 from vlalign.registry import Registry
 
-Loader = Callable[[dict[str, Any], tuple[str, ...], Any], Any]
+# (entry fields, target keys, abstract target sub-tree, config.model) -> the sub-tree's values.
+Loader = Callable[[dict[str, Any], tuple[str, ...], Any, Any], Any]
 LOADERS: Registry[Loader] = Registry("init loader", "vlalign.weights")
 
 
@@ -74,7 +75,9 @@ def count(tree: Any) -> int:
 
 
 @LOADERS.register("checkpoint")
-def load_from_checkpoint(entry: dict[str, Any], target: tuple[str, ...], abstract: Any) -> Any:
+def load_from_checkpoint(
+  entry: dict[str, Any], target: tuple[str, ...], abstract: Any, model_config: Any = None
+) -> Any:
   """The sub-tree `entry["source"]` (default `target`) of another run's parameters."""
   unknown = set(entry) - {"workdir", "step", "source"}
   if unknown or "workdir" not in entry:
@@ -123,17 +126,20 @@ def check_init_config(init_config: Any) -> list[tuple[str, dict[str, Any]]]:
   return entries
 
 
-def apply_init(init_config: Any, params: Any, abstract_params: Any) -> Any:
+def apply_init(
+  init_config: Any, params: Any, abstract_params: Any, model_config: Any = None
+) -> Any:
   """`params` with every `config.init` sub-tree replaced by its loaded values.
 
   Args:
     init_config: `config.init` (None or empty: `params` unchanged).
     params: freshly initialised parameters (sharded arrays).
     abstract_params: ShapeDtypeStructs with the target shardings, like `params`.
+    model_config: `config.model`, for loaders that check a checkpoint against a tower config.
   """
   for name, entry in check_init_config(init_config):
     target = split_path(entry.pop("target"), f"init.{name}.target")
     loader = LOADERS.get(entry.pop("loader"))
     abstract = get_subtree(abstract_params, target, f"init.{name}.target")
-    params = replace_subtree(params, target, loader(entry, target, abstract))
+    params = replace_subtree(params, target, loader(entry, target, abstract, model_config))
   return params

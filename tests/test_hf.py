@@ -1,0 +1,264 @@
+"""Hugging Face import/export and tokenizers against references made by transformers (PyTorch).
+
+The reference values are committed fixtures (`tests/fixtures/make_hf_fixtures.py` regenerates them
+where torch and transformers are installed): a tiny random `BertModel` saved with
+`save_pretrained`, the real all-MiniLM-L6-v2 on a few captions, and transformers' pure-Python BERT
+tokenizer on 300 varied strings.
+"""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+from configs import lit
+from vlalign import checkpoint, pytrees, trainer
+from vlalign.data import tokenizer as tk
+from vlalign.errors import ConfigError, PathError, WorkdirError
+from vlalign.models.bert import Bert
+from vlalign.weights import hf
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TINY = FIXTURES / "tiny_bert"
+TINY_TOWER = dict(
+  kind="bert", vocab_size=99, width=32, depth=2, num_heads=4, mlp_dim=37, max_len=40, pool="pooler"
+)
+
+
+def _bert(tower):
+  return Bert(**{k: v for k, v in tower.items() if k != "kind"})
+
+
+def _abstract(tower, length=8):
+  ids = np.zeros((2, length), np.int32)
+  return jax.eval_shape(_bert(tower).init, jax.random.key(0), ids, np.ones_like(ids))["params"]
+
+
+def _minilm_dir():
+  return hf.resolve_location(lit.MINILM, "test")
+
+
+def test_tiny_bert_matches_transformers():
+  ref = np.load(TINY / "reference.npz")
+  params = hf.load_tower(TINY, TINY_TOWER, _abstract(TINY_TOWER))
+  out = _bert(TINY_TOWER).apply({"params": params}, ref["ids"], ref["mask"])
+  # Padded positions too: BERT's padded queries still attend to the real keys.
+  np.testing.assert_allclose(out["tokens"], ref["last_hidden_state"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["cls"], ref["pooler_output"], atol=1e-5, rtol=0)
+
+
+def test_real_minilm_matches_sentence_transformers_reference():
+  ref = np.load(FIXTURES / "minilm_reference.npz")
+  tower = lit.minilm_tower()
+  tok = tk.JsonTokenizer(_minilm_dir())
+  ids, mask = tok.encode_batch([str(c) for c in ref["captions"]], ref["ids"].shape[1])
+  np.testing.assert_array_equal(ids, ref["ids"])
+  np.testing.assert_array_equal(mask, ref["mask"])
+  params = hf.load_tower(_minilm_dir(), tower, _abstract(tower, ids.shape[1]))
+  out = _bert(tower).apply({"params": params}, ids, mask)
+  real = mask[..., None] > 0
+  np.testing.assert_allclose(
+    np.where(real, out["tokens"], 0), np.where(real, ref["last_hidden_state"], 0), atol=1e-5
+  )
+  emb = out["cls"] / np.linalg.norm(out["cls"], axis=-1, keepdims=True)
+  np.testing.assert_allclose(emb, ref["embedding"], atol=1e-6)
+  assert np.abs(emb @ emb.T - ref["embedding"] @ ref["embedding"].T).max() < 1e-6
+
+
+def test_bert_tokenizer_matches_transformers_on_varied_strings():
+  ref = json.loads((FIXTURES / "bert_tokenizer_reference.json").read_text())
+  assert len(ref["texts"]) >= 300
+  tok = tk.JsonTokenizer(_minilm_dir())
+  ids, mask = tok.encode_batch(ref["texts"], ref["max_len"])
+  for i, text in enumerate(ref["texts"]):
+    assert ids[i].tolist() == ref["ids"][i], text
+    assert mask[i].tolist() == ref["mask"][i], text
+  single = np.stack([tok.encode(t, ref["max_len"])[0] for t in ref["texts"][:20]])
+  np.testing.assert_array_equal(single, ids[:20])
+  truncated = [i for i, m in enumerate(ref["mask"]) if m[-1] == 1]
+  assert len(truncated) > 10  # long texts cut at max_len with [SEP] kept last
+
+
+def test_special_ids_come_from_the_tokenizer_files():
+  ref = json.loads((FIXTURES / "bert_tokenizer_reference.json").read_text())
+  tok = tk.JsonTokenizer(_minilm_dir() / "tokenizer.json")
+  empty = ref["texts"].index("")
+  cls, sep, pad = ref["ids"][empty][:3]
+  assert (tok.cls_id, tok.eos_id, tok.pad_id) == (cls, sep, pad)
+  vocab = (_minilm_dir() / "vocab.txt").read_text().splitlines()
+  assert (vocab[tok.mask_id], vocab[tok.unk_id]) == ("[MASK]", "[UNK]")
+  assert tok.vocab_size == len(vocab)
+  assert tok.decode(tok.encode("A Red circle!", 12)[0]) == "a red circle!"
+
+
+def test_tokenizer_without_a_mask_token_is_refused_by_mlm(tmp_path):
+  data = json.loads((_minilm_dir() / "tokenizer.json").read_text())
+  data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[MASK]"]
+  del data["model"]["vocab"]["[MASK]"]
+  (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+  tok = tk.JsonTokenizer(tmp_path)
+  assert tok.mask_id == -1
+  from configs import albef  # noqa: PLC0415
+  from vlalign.methods import build_method  # noqa: PLC0415
+  from vlalign.models import build_model  # noqa: PLC0415
+
+  config = albef.get_config("tiny")
+  with pytest.raises(ConfigError, match="mask token"):
+    build_method(config, build_model(config.model), tok)
+
+
+def test_export_then_import_is_bit_identical(tmp_path):
+  tower = TINY_TOWER
+  params = _bert(tower).init(jax.random.key(3), np.zeros((1, 5), np.int32), np.ones((1, 5)))
+  out = hf.export_tower(params["params"], tower, tmp_path / "export")
+  config = json.loads((out / "config.json").read_text())
+  assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"]) == (
+    "bert",
+    32,
+    2,
+  )
+  loaded = hf.load_tower(out, tower, _abstract(tower))
+  for (name, a), b in zip(
+    pytrees.named_leaves(params["params"]).items(), jax.tree.leaves(loaded), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  # The exported names and shapes are those transformers wrote for the same architecture.
+  ours = {k: v.shape for k, v in load_file(str(out / "model.safetensors")).items()}
+  theirs = {k: v.shape for k, v in load_file(str(TINY / "model.safetensors")).items()}
+  assert ours == {k: v for k, v in theirs.items() if "position_ids" not in k}
+
+
+def test_import_loads_straight_into_the_target_shardings():
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def place(leaf):
+    spec = P("fsdp") if leaf.shape and leaf.shape[0] % 8 == 0 else P()
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+
+  abstract = jax.tree.map(place, _abstract(TINY_TOWER))
+  sharded = hf.load_tower(TINY, TINY_TOWER, abstract)
+  plain = hf.load_tower(TINY, TINY_TOWER, _abstract(TINY_TOWER))
+  table = sharded["position_embed"]["embedding"]  # [40, 32]
+  assert table.sharding.spec == P("fsdp")
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  kernel = sharded["block_0"]["mlp"]["fc1"]["kernel"]  # [32, 37]: rows split over 8 devices
+  assert {s.data.shape for s in kernel.addressable_shards} == {(4, 37)}
+
+
+def _copy_with(tmp_path, change):
+  """A copy of the tiny checkpoint with `change(tensors)` applied to its tensors."""
+  target = tmp_path / "ckpt"
+  shutil.copytree(TINY, target)
+  tensors = load_file(str(TINY / "model.safetensors"))
+  change(tensors)
+  save_file(tensors, str(target / "model.safetensors"))
+  return target
+
+
+def test_missing_tensor_is_named(tmp_path):
+  name = "encoder.layer.1.output.dense.weight"
+  path = _copy_with(tmp_path, lambda t: t.pop(name))
+  with pytest.raises(ConfigError, match=f"missing tensors: \\['{name}'\\]"):
+    hf.load_tower(path, TINY_TOWER, _abstract(TINY_TOWER))
+
+
+def test_wrong_shape_is_named(tmp_path):
+  name = "encoder.layer.0.intermediate.dense.weight"
+  path = _copy_with(tmp_path, lambda t: t.update({name: np.zeros((36, 32), np.float32)}))
+  with pytest.raises(ConfigError, match=f"tensor {name} has shape \\(36, 32\\)"):
+    hf.load_tower(path, TINY_TOWER, _abstract(TINY_TOWER))
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+  path = _copy_with(tmp_path, lambda t: t.update({"encoder.layer.2.extra": np.zeros(3)}))
+  with pytest.raises(ConfigError, match="unexpected tensors: \\['encoder.layer.2.extra'\\]"):
+    hf.load_tower(path, TINY_TOWER, _abstract(TINY_TOWER))
+
+
+def test_architecture_mismatch_names_every_field(tmp_path):
+  tower = {**TINY_TOWER, "depth": 3, "layer_norm_eps": 1e-5}
+  with pytest.raises(ConfigError, match="depth=3 but num_hidden_layers=2.*layer_norm_eps"):
+    hf.load_tower(TINY, tower, _abstract(tower))
+  path = tmp_path / "relu"
+  shutil.copytree(TINY, path)
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+  with pytest.raises(ConfigError, match="hidden_act='relu': only 'gelu'"):
+    hf.load_tower(path, TINY_TOWER, _abstract(TINY_TOWER))
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+  tensors = load_file(str(TINY / "model.safetensors"))
+  names = sorted(tensors)
+  target = tmp_path / "sharded"
+  target.mkdir()
+  shutil.copy(TINY / "config.json", target)
+  weight_map = {}
+  for part, chunk in enumerate((names[::2], names[1::2])):
+    file = f"model-0000{part + 1}-of-00002.safetensors"
+    save_file({n: tensors[n] for n in chunk}, str(target / file))
+    weight_map.update({n: file for n in chunk})
+  (target / hf.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+  a = hf.load_tower(target, TINY_TOWER, _abstract(TINY_TOWER))
+  b = hf.load_tower(TINY, TINY_TOWER, _abstract(TINY_TOWER))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_locations_that_do_not_exist_are_named(tmp_path):
+  with pytest.raises(PathError, match="not installed"):
+    hf.resolve_location("pip:no_such_weights_pkg/model", "init.path")
+  with pytest.raises(PathError, match="does not exist"):
+    hf.resolve_location(str(tmp_path / "nowhere"), "init.path")
+  with pytest.raises(PathError, match="no config.json"):
+    hf.load_tower(tmp_path, TINY_TOWER, _abstract(TINY_TOWER))
+  config = lit.get_config("tiny")
+  config.data.tokenizer_path = str(tmp_path / "missing_tokenizer")
+  with pytest.raises(PathError, match="missing_tokenizer"):
+    trainer.build(config)
+
+
+def test_lit_tiny_trains_with_the_pretrained_text_tower_frozen(tmp_path):
+  config = lit.get_config("tiny")
+  config.total_steps = 3
+  config.checkpoint_every = 3
+  config.evals = {}
+  trainer.train_and_evaluate(config, str(tmp_path))
+  setup = trainer.build(config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), create=False)
+  params = jax.device_get(ckpt.restore(3, setup.abstract_state).params)
+  ckpt.close()
+  pretrained = hf.load_tower(
+    _minilm_dir(), config.model.text.to_dict(), _abstract(lit.minilm_tower())
+  )
+  text = params["params"]["text_encoder"]
+  for (name, a), b in zip(
+    pytrees.named_leaves(text).items(), jax.tree.leaves(pretrained), strict=True
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  fresh = jax.device_get(setup.init_params(jax.random.PRNGKey(config.seed)))["params"]
+  assert not np.array_equal(
+    fresh["image_encoder"]["patch_embed"]["kernel"],
+    params["params"]["image_encoder"]["patch_embed"]["kernel"],
+  )
+  assert not np.array_equal(
+    fresh["text_proj"]["out"]["kernel"], params["params"]["text_proj"]["out"]["kernel"]
+  )
+  # The export command writes the trained tower (and the tokenizer) in the Hugging Face layout.
+  from vlalign import export  # noqa: PLC0415
+
+  step, out = export.export(config, str(tmp_path), "text", str(tmp_path / "exported"))
+  assert step == 3
+  assert (out / "tokenizer.json").exists() and (out / "vocab.txt").exists()
+  again = hf.load_tower(out, config.model.text.to_dict(), _abstract(lit.minilm_tower()))
+  for a, b in zip(jax.tree.leaves(text), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(WorkdirError, match="already holds a checkpoint"):
+    export.export(config, str(tmp_path), "text", str(tmp_path / "exported"))

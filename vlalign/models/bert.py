@@ -1,0 +1,144 @@
+"""BERT text tower (`kind: bert`): post-LN blocks, token types, an embedding LayerNorm.
+
+The architecture of Hugging Face's `BertModel` (Devlin et al. 2019), so its checkpoints load
+unchanged (`vlalign/weights/hf.py`): word + learned position + token-type embeddings, LayerNorm,
+dropout; then per layer `x = LN(x + Drop(Attn(x)))`, `x = LN(x + Drop(Mlp(x)))` with the exact
+(erf) GELU; LayerNorm epsilon 1e-12. There is no final LayerNorm (post-LN ends normalised).
+Attention is bidirectional over the real tokens. The token type is 0 everywhere (one segment).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlalign.errors import ConfigError
+from vlalign.models import TOWERS
+from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
+from vlalign.models.text import pool_tokens
+
+BERT_POOLS = ("first", "mean", "pooler")
+
+
+class PostLNBlock(nn.Module):
+  """`x = LN(x + Drop(Attn(x)))`, then `x = LN(x + Drop(Mlp(x)))`: `[B, L, D] -> [B, L, D]`.
+
+  Attributes:
+    num_heads, mlp_dim: attention heads and MLP hidden width.
+    dropout: rate of the residual-branch and MLP dropouts (BERT's `hidden_dropout_prob`).
+    attention_dropout: rate on the attention probabilities (`attention_probs_dropout_prob`).
+    layer_norm_eps: LayerNorm epsilon.
+    dtype: compute dtype.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  layer_norm_eps: float = 1e-12
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
+    ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
+    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(x, mask=mask)
+    x = nn.LayerNorm(**ln, name="ln_attn")(x + nn.Dropout(self.dropout)(y, deterministic=not train))
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
+    return nn.LayerNorm(**ln, name="ln_mlp")(
+      x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    )
+
+
+@TOWERS.register("bert")
+class Bert(nn.Module):
+  """BERT encoder (Hugging Face `BertModel` layout).
+
+  Attributes:
+    vocab_size: word-piece vocabulary V (`vocab_size` of the checkpoint's config.json).
+    width, depth, num_heads, mlp_dim: `hidden_size`, `num_hidden_layers`, `num_attention_heads`,
+      `intermediate_size`.
+    max_len: learned positions (`max_position_embeddings`); longer inputs are a ConfigError.
+    type_vocab_size: token-type embeddings (`type_vocab_size`); every token uses type 0.
+    layer_norm_eps: LayerNorm epsilon (`layer_norm_eps`, 1e-12 in BERT).
+    pool: `cls` from the tokens: "first" (the [CLS] token), "mean" (over real tokens, as
+      sentence-transformers pools), or "pooler" (BERT's `tanh(Dense([CLS]))`).
+    dropout: hidden dropout; `attention_dropout` on the attention probabilities.
+    dtype: compute dtype (parameters stay float32).
+    remat: recompute block activations in the backward pass.
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pool: str = "first"
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    if self.pool not in BERT_POOLS:
+      raise ConfigError(f"unknown bert pool {self.pool!r}; choose one of {BERT_POOLS}")
+    embed = dict(
+      features=self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+    )
+    self.token_embed = nn.Embed(self.vocab_size, **embed)
+    self.position_embed = nn.Embed(self.max_len, **embed)
+    self.type_embed = nn.Embed(self.type_vocab_size, **embed)
+    self.embed_ln = nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE
+    )
+    self.embed_dropout = nn.Dropout(self.dropout)
+    # static_argnums counts `self` as 0: (self, x, mask, train).
+    block_cls = nn.remat(PostLNBlock, static_argnums=(3,)) if self.remat else PostLNBlock
+    self.blocks = [
+      block_cls(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout=self.dropout,
+        attention_dropout=self.attention_dropout,
+        layer_norm_eps=self.layer_norm_eps,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )
+      for i in range(self.depth)
+    ]
+    if self.pool == "pooler":
+      self.pooler = nn.Dense(self.width, dtype=self.dtype, param_dtype=PARAM_DTYPE)
+
+  def embedding_table(self) -> jax.Array:
+    """The float32 word-piece embedding table `[V, D]` (for an MLM decoder tied to it)."""
+    return self.token_embed.embedding
+
+  def embed(self, ids: jax.Array, train: bool = False) -> jax.Array:
+    """ids `[B, L]` -> embeddings `[B, L, D]` (words + positions + type 0, LayerNorm, dropout)."""
+    length = ids.shape[1]
+    if length > self.max_len:
+      raise ConfigError(
+        f"text length {length} exceeds model.text.max_len={self.max_len} (the checkpoint's "
+        "max_position_embeddings); truncate the text (data.max_len)"
+      )
+    x = self.token_embed(ids)
+    x = x + self.position_embed(jnp.arange(length))[None]
+    x = x + self.type_embed(jnp.zeros((1, length), jnp.int32))
+    return self.embed_dropout(self.embed_ln(x), deterministic=not train)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
+    x = self.embed(ids, train)
+    attn_mask = key_padding_mask(mask)
+    for block in self.blocks:
+      x = block(x, attn_mask, train)
+    if self.pool == "pooler":
+      cls = jnp.tanh(self.pooler(x[:, 0]))
+    else:
+      cls = pool_tokens(x, mask, self.pool)
+    return {"cls": cls, "tokens": x}
