@@ -40,6 +40,72 @@ def _abstract(tower, length=8):
   return jax.eval_shape(_bert(tower).init, jax.random.key(0), ids, np.ones_like(ids))["params"]
 
 
+TINY_VIT = dict(
+  kind="vit",
+  width=32,
+  depth=2,
+  num_heads=4,
+  mlp_dim=37,
+  image_size=32,
+  patch_size=8,
+  cls_pos_embed=True,
+  layer_norm_eps=1e-12,
+)
+CLIP_VISION = {**TINY_VIT, "ln_pre": True, "patch_bias": False, "layer_norm_eps": 1e-5}
+CLIP_VISION["activation"] = "quick_gelu"
+CLIP_TEXT = dict(
+  kind="text_transformer",
+  vocab_size=99,
+  width=32,
+  depth=2,
+  num_heads=4,
+  mlp_dim=37,
+  max_len=16,
+  causal=True,
+  pool="eos",
+  layer_norm_eps=1e-5,
+  activation="quick_gelu",
+)
+
+
+DINOV2 = dict(
+  kind="vit",
+  width=32,
+  depth=2,
+  num_heads=4,
+  mlp_dim=64,
+  image_size=28,
+  patch_size=14,
+  cls_pos_embed=True,
+  layer_scale=True,
+  pos_interpolation="bicubic",
+)
+LLAMA = dict(
+  kind="llama",
+  vocab_size=99,
+  width=32,
+  depth=2,
+  num_heads=4,
+  num_kv_heads=2,
+  mlp_dim=48,
+  max_len=64,
+  rope_theta=500.0,
+  norm_eps=1e-5,
+)
+
+
+def _tower_apply(tower, params, *inputs):
+  from vlalign.models import build_tower  # noqa: PLC0415
+
+  return build_tower(tower, "test").apply({"params": params}, *inputs)
+
+
+def _tower_abstract(tower, *inputs):
+  from vlalign.models import build_tower  # noqa: PLC0415
+
+  return jax.eval_shape(build_tower(tower, "test").init, jax.random.key(0), *inputs)["params"]
+
+
 def _minilm_dir():
   return hf.resolve_location(lit.MINILM, "test")
 
@@ -51,6 +117,116 @@ def test_tiny_bert_matches_transformers():
   # Padded positions too: BERT's padded queries still attend to the real keys.
   np.testing.assert_allclose(out["tokens"], ref["last_hidden_state"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(out["cls"], ref["pooler_output"], atol=1e-5, rtol=0)
+
+
+def test_tiny_vit_matches_transformers():
+  ref = np.load(FIXTURES / "tiny_vit" / "reference.npz")
+  params = hf.load_tower(FIXTURES / "tiny_vit", TINY_VIT, _tower_abstract(TINY_VIT, ref["images"]))
+  out = _tower_apply(TINY_VIT, params, ref["images"])
+  np.testing.assert_allclose(out["cls"], ref["last_hidden_state"][:, 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["tokens"], ref["last_hidden_state"][:, 1:], atol=1e-5, rtol=0)
+
+
+def test_tiny_clip_towers_match_transformers():
+  """Both towers from one CLIPModel checkpoint (nested vision_config / text_config)."""
+  directory = FIXTURES / "tiny_clip"
+  ref = np.load(directory / "reference.npz")
+  abstract = _tower_abstract(CLIP_VISION, ref["images"])
+  out = _tower_apply(CLIP_VISION, hf.load_tower(directory, CLIP_VISION, abstract), ref["images"])
+  np.testing.assert_allclose(out["cls"], ref["vision_pooler_output"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["tokens"], ref["vision_tokens"][:, 1:], atol=1e-5, rtol=0)
+  ids, mask = ref["ids"], ref["mask"]
+  params = hf.load_tower(directory, CLIP_TEXT, _tower_abstract(CLIP_TEXT, ids, mask))
+  out = _tower_apply(CLIP_TEXT, params, ids, mask)
+  real = mask[..., None] > 0  # causal: real tokens never see padding, so they must agree
+  np.testing.assert_allclose(
+    np.where(real, out["tokens"], 0), np.where(real, ref["text_last_hidden_state"], 0), atol=1e-5
+  )
+  np.testing.assert_allclose(out["cls"], ref["text_pooler_output"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_tiny_dinov2_matches_transformers(registers):
+  directory = FIXTURES / ("tiny_dinov2_registers" if registers else "tiny_dinov2")
+  tower = {**DINOV2, "num_registers": registers}
+  ref = np.load(directory / "reference.npz")
+  params = hf.load_tower(directory, tower, _tower_abstract(tower, ref["images"]))
+  out = _tower_apply(tower, params, ref["images"])
+  hidden = ref["last_hidden_state"]  # [B, 1 + R + N, D]: CLS, registers, patches
+  np.testing.assert_allclose(out["cls"], hidden[:, 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["tokens"], hidden[:, 1 + registers :], atol=1e-5, rtol=0)
+  # Another resolution runs (the learned 2x2 grid resized bicubically to 3x3).
+  bigger = np.zeros((1, 42, 42, 3), np.float32)
+  assert _tower_apply(tower, params, bigger)["tokens"].shape == (1, 9, 32)
+
+
+def test_dinov2_register_count_is_checked():
+  with pytest.raises(ConfigError, match="num_registers=0 but the checkpoint implies 4"):
+    hf.load_tower(FIXTURES / "tiny_dinov2_registers", DINOV2, {})
+
+
+def test_tiny_llama_matches_transformers():
+  ref = np.load(FIXTURES / "tiny_llama" / "reference.npz")
+  ids, mask = ref["ids"], ref["mask"]
+  params = hf.load_tower(FIXTURES / "tiny_llama", LLAMA, _tower_abstract(LLAMA, ids, mask))
+  out = _tower_apply(LLAMA, params, ids, mask)
+  real = mask[..., None] > 0
+  np.testing.assert_allclose(
+    np.where(real, out["tokens"], 0), np.where(real, ref["last_hidden_state"], 0), atol=1e-5
+  )
+  last = mask.sum(1) - 1
+  np.testing.assert_allclose(out["cls"], ref["last_hidden_state"][np.arange(3), last], atol=1e-5)
+  with pytest.raises(ConfigError, match="num_kv_heads=4 but the checkpoint implies 2"):
+    hf.load_tower(FIXTURES / "tiny_llama", {**LLAMA, "num_kv_heads": None}, {})
+
+
+def test_llama_in_bfloat16_stays_close():
+  ref = np.load(FIXTURES / "tiny_llama" / "reference.npz")
+  ids, mask = ref["ids"], ref["mask"]
+  params = hf.load_tower(FIXTURES / "tiny_llama", LLAMA, _tower_abstract(LLAMA, ids, mask))
+  out = _tower_apply({**LLAMA, "dtype": jax.numpy.bfloat16}, params, ids, mask)
+  assert out["tokens"].dtype == jax.numpy.bfloat16
+  real = mask[..., None] > 0
+  error = np.abs(
+    np.where(real, np.asarray(out["tokens"], np.float32) - ref["last_hidden_state"], 0)
+  )
+  assert error.max() < 0.1 * np.abs(ref["last_hidden_state"]).max()
+
+
+def test_vision_checkpoint_into_a_tower_without_its_fixed_fields_is_refused():
+  tower = {**CLIP_VISION, "ln_pre": False}
+  with pytest.raises(ConfigError, match="ln_pre must be True for a clip_vision checkpoint"):
+    hf.load_tower(FIXTURES / "tiny_clip", tower, {})
+  with pytest.raises(ConfigError, match="cannot load a checkpoint of model_type 'vit'"):
+    hf.load_tower(FIXTURES / "tiny_vit", CLIP_TEXT, {})
+
+
+ROUND_TRIP = {
+  "vit": TINY_VIT,
+  "clip_vision": CLIP_VISION,
+  "clip_text": CLIP_TEXT,
+  "dinov2": DINOV2,
+  "dinov2_registers": {**DINOV2, "num_registers": 4},
+  "llama": LLAMA,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP))
+def test_export_round_trip_of_each_family(tmp_path, name):
+  tower = ROUND_TRIP[name]
+  size = tower.get("image_size", 0)
+  inputs = (
+    (np.zeros((1, size, size, 3), np.float32),)
+    if tower["kind"] == "vit"
+    else (np.zeros((1, 5), np.int32), np.ones((1, 5), np.int32))
+  )
+  from vlalign.models import build_tower  # noqa: PLC0415
+
+  params = build_tower(tower, "test").init(jax.random.key(1), *inputs)["params"]
+  out = hf.export_tower(params, tower, tmp_path)
+  loaded = hf.load_tower(out, tower, _tower_abstract(tower, *inputs))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_real_minilm_matches_sentence_transformers_reference():

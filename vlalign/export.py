@@ -94,7 +94,11 @@ def export(config, workdir: str, tower: str, out: str, step: int | None = None):
     ckpt.close()
   tower_config = config.model[tower].to_dict()
   sub_tree = jax.device_get(params["params"][TOWER_PARAMS[tower]])
-  hf.export_tower(sub_tree, tower_config, target, f"model.{tower}")
+  extra = {}
+  if tower == "text":  # The ids the tokenizer of the run uses (CLIP pools at eos_token_id).
+    tok = setup.tokenizer
+    extra = dict(bos_token_id=tok.cls_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  hf.export_tower(sub_tree, tower_config, target, f"model.{tower}", extra)
   if tower == "text" and isinstance(setup.tokenizer, JsonTokenizer):
     for name in TOKENIZER_FILES:
       source = setup.tokenizer.path.parent / name

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
+
 Dtype = Any
 PARAM_DTYPE = jnp.float32
 
@@ -43,18 +45,34 @@ def attention(
   )
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation_fn(name: str):
+  """`gelu`: exact (erf) GELU (BERT, ViT); `gelu_tanh`: its tanh approximation; `quick_gelu`:
+  `x sigmoid(1.702 x)` (OpenAI CLIP)."""
+  if name == "gelu":
+    return lambda x: nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return lambda x: nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return lambda x: x * nn.sigmoid(1.702 * x)
+  raise ConfigError(f"unknown activation {name!r}; choose one of {ACTIVATIONS}")
+
+
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> Dropout -> Dense(D): `[..., D] -> [..., D]`."""
+  """Dense(mlp_dim) -> activation -> Dropout -> Dense(D): `[..., D] -> [..., D]`."""
 
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     width = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc1")(x)
-    y = nn.gelu(y, approximate=False)
+    y = activation_fn(self.activation)(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc2")(y)
 
@@ -68,6 +86,10 @@ class EncoderBlock(nn.Module):
     dropout: rate of the residual-branch and MLP dropouts.
     attention_dropout: rate of the dropout on the attention probabilities.
     dtype: compute dtype.
+    layer_norm_eps: LayerNorm epsilon (Flax's 1e-6 by default; BERT/HF ViT 1e-12, CLIP 1e-5).
+    activation: the MLP's activation (`ACTIVATIONS`).
+    layer_scale: scale each residual branch by a learned per-channel vector before adding it
+      (LayerScale, Touvron et al. 2021; DINOv2), initialised to `layer_scale_init`.
   """
 
   num_heads: int
@@ -75,16 +97,27 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
+  layer_scale: bool = False
+  layer_scale_init: float = 1.0
+
+  def _scale(self, name: str, y: jax.Array) -> jax.Array:
+    if not self.layer_scale:
+      return y
+    init = nn.initializers.constant(self.layer_scale_init)
+    return y * self.param(name, init, (y.shape[-1],), PARAM_DTYPE).astype(y.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]` (None: attend everywhere)."""
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_attn")(x)
+    ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
+    y = nn.LayerNorm(**ln, name="ln_attn")(x)
     y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(y, mask=mask)
-    x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_mlp")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
-    return x + nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = x + nn.Dropout(self.dropout)(self._scale("ls_attn", y), deterministic=not train)
+    y = nn.LayerNorm(**ln, name="ln_mlp")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(y, train)
+    return x + nn.Dropout(self.dropout)(self._scale("ls_mlp", y), deterministic=not train)
 
 
 class Encoder(nn.Module):
@@ -92,7 +125,8 @@ class Encoder(nn.Module):
 
   Attributes:
     depth: number of blocks.
-    num_heads, mlp_dim, dropout, attention_dropout, dtype: as in `EncoderBlock`.
+    num_heads, mlp_dim, dropout, attention_dropout, dtype, layer_norm_eps, activation,
+      layer_scale, layer_scale_init: as in `EncoderBlock`.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
 
@@ -103,6 +137,10 @@ class Encoder(nn.Module):
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
+  layer_scale: bool = False
+  layer_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -116,7 +154,13 @@ class Encoder(nn.Module):
         dropout=self.dropout,
         attention_dropout=self.attention_dropout,
         dtype=self.dtype,
+        layer_norm_eps=self.layer_norm_eps,
+        activation=self.activation,
+        layer_scale=self.layer_scale,
+        layer_scale_init=self.layer_scale_init,
         name=f"block_{i}",
       )
       x = block(x, mask, train)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final")(x)
+    return nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
+    )(x)

@@ -50,6 +50,11 @@ class TextTransformer(nn.Module):
     pool: how `cls` is taken from the tokens: "first", "eos" or "mean" (see `pool_tokens`).
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    layer_norm_eps: LayerNorm epsilon (CLIP: 1e-5).
+    activation: MLP activation, `gelu` (exact) or `quick_gelu` (OpenAI CLIP).
+
+  With `causal=True, pool="eos"` this is CLIP's text transformer (Hugging Face `CLIPTextModel`:
+  `tokens` = its `last_hidden_state`, `cls` = its `pooler_output`).
   """
 
   vocab_size: int
@@ -63,6 +68,8 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
 
   def setup(self):
     if self.pool not in POOLS:
@@ -86,6 +93,8 @@ class TextTransformer(nn.Module):
       attention_dropout=self.dropout,
       dtype=self.dtype,
       remat=self.remat,
+      layer_norm_eps=self.layer_norm_eps,
+      activation=self.activation,
     )
 
   def embedding_table(self) -> jax.Array:

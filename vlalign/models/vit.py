@@ -19,16 +19,24 @@ def check_patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int
   return height // patch_size, width // patch_size
 
 
-def resize_position_embedding(pos: jax.Array, rows: int, cols: int) -> jax.Array:
-  """Bilinearly resizes a `[R, C, D]` grid of position embeddings to `[rows, cols, D]`."""
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_position_embedding(
+  pos: jax.Array, rows: int, cols: int, method: str = "bilinear"
+) -> jax.Array:
+  """Resizes a `[R, C, D]` grid of position embeddings to `[rows, cols, D]` (`method`: bilinear
+  or bicubic)."""
+  if method not in INTERPOLATIONS:
+    raise ConfigError(f"unknown pos_interpolation {method!r}; choose one of {INTERPOLATIONS}")
   if pos.shape[:2] == (rows, cols):
     return pos
-  return jax.image.resize(pos, (rows, cols, pos.shape[-1]), method="bilinear")
+  return jax.image.resize(pos, (rows, cols, pos.shape[-1]), method=method)
 
 
 @TOWERS.register("vit")
 class ViT(nn.Module):
-  """Pre-LN ViT with a learned CLS token (which gets no position embedding).
+  """Pre-LN ViT with a learned CLS token (with a position embedding only if `cls_pos_embed`).
 
   Position embeddings are learned for the `image_size` grid and bilinearly interpolated when the
   input's patch grid differs, so a model trained at 64 px also runs on 96 px images.
@@ -40,6 +48,21 @@ class ViT(nn.Module):
     image_size: side of the (square) training images, which fixes the learned grid.
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    cls_pos_embed: the CLS token gets a position embedding too, as in ViT/DeiT (timm, Hugging
+      Face) and CLIP: `pos_embedding` is then `[1 + g*g, D]`, CLS first; otherwise `[g, g, D]`.
+    ln_pre: a LayerNorm on the embedded tokens before the blocks (CLIP's `ln_pre`).
+    patch_bias: a bias in the patch projection (CLIP has none).
+    layer_norm_eps: LayerNorm epsilon (1e-12 in Hugging Face ViT/DeiT, 1e-5 in CLIP).
+    activation: MLP activation, `gelu` (exact) or `quick_gelu` (OpenAI CLIP).
+    layer_scale, layer_scale_init: LayerScale on every residual branch (DINOv2).
+    num_registers: learned register tokens after the CLS, without position embeddings (DINOv2
+      with registers, Darcet et al. 2024); they are dropped from `tokens`.
+    pos_interpolation: how the learned grid is resized to another input grid: "bilinear" or
+      "bicubic" (DINOv2, timm). JAX's bicubic kernel is Keys' a = -0.5, PyTorch's a = -0.75, so
+      resized grids are close to, not equal to, PyTorch's.
+
+  The final LayerNorm applies to every token, so `cls` is Hugging Face CLIP's `pooler_output`
+  (its `post_layernorm` of the CLS) and, for ViT/DeiT, their `last_hidden_state[:, 0]`.
   """
 
   width: int
@@ -51,6 +74,15 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  cls_pos_embed: bool = False
+  ln_pre: bool = False
+  patch_bias: bool = True
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
+  layer_scale: bool = False
+  layer_scale_init: float = 1.0
+  num_registers: int = 0
+  pos_interpolation: str = "bilinear"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -64,17 +96,38 @@ class ViT(nn.Module):
       (p, p),
       strides=(p, p),
       padding="VALID",
+      use_bias=self.patch_bias,
       dtype=self.dtype,
       param_dtype=PARAM_DTYPE,
       name="patch_embed",
     )(images)
-    pos = self.param(
-      "pos_embedding", nn.initializers.normal(0.02), (grid, grid, self.width), PARAM_DTYPE
-    )
-    x = x + resize_position_embedding(pos, rows, cols).astype(self.dtype)
+    init = nn.initializers.normal(0.02)
+    if self.cls_pos_embed:
+      pos = self.param("pos_embedding", init, (1 + grid * grid, self.width), PARAM_DTYPE)
+      cls_pos, pos = pos[:1], pos[1:].reshape(grid, grid, self.width)
+    else:
+      pos = self.param("pos_embedding", init, (grid, grid, self.width), PARAM_DTYPE)
+      cls_pos = None
+    x = x + resize_position_embedding(pos, rows, cols, self.pos_interpolation).astype(self.dtype)
     x = x.reshape(batch, rows * cols, self.width)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
+    if cls_pos is not None:
+      cls = cls + cls_pos
+    prefix = [cls]
+    if self.num_registers:
+      prefix.append(
+        self.param(
+          "registers", nn.initializers.zeros, (1, self.num_registers, self.width), PARAM_DTYPE
+        )
+      )
+    prefix = jnp.concatenate(prefix, axis=1)
+    x = jnp.concatenate(
+      [jnp.broadcast_to(prefix, (batch, *prefix.shape[1:])).astype(x.dtype), x], 1
+    )
+    if self.ln_pre:
+      x = nn.LayerNorm(
+        epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_pre"
+      )(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(
       depth=self.depth,
@@ -84,6 +137,10 @@ class ViT(nn.Module):
       attention_dropout=self.dropout,
       dtype=self.dtype,
       remat=self.remat,
+      layer_norm_eps=self.layer_norm_eps,
+      activation=self.activation,
+      layer_scale=self.layer_scale,
+      layer_scale_init=self.layer_scale_init,
       name="encoder",
     )(x, None, train)
-    return {"cls": x[:, 0], "tokens": x[:, 1:]}
+    return {"cls": x[:, 0], "tokens": x[:, 1 + self.num_registers :]}

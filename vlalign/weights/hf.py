@@ -14,11 +14,21 @@ Fields of a `hf` init entry:
 * `tower`: the tower config the checkpoint must match, under `config.model` (default: `text` for
   target `text_encoder`, `image` for `image_encoder`).
 
-The tower's `kind` picks the family (`FAMILIES`: the name mapping and the `config.json` fields that
-must agree). Every architecture field that differs from the tower config, and every tensor that is
-missing, unexpected or of the wrong shape, is named in one error. Tensors are read one at a time
-and placed straight into the target shardings (`jax.make_array_from_callback`: each device gets only
-its slice), so a large checkpoint never has a full copy per device.
+Families (`FAMILIES`) map a Hugging Face architecture onto one of our tower kinds:
+
+* `bert` <- `BertModel` (`bert`);
+* `vit` <- `ViTModel` (`vit`; DeiT-B/16 is stored as one), `CLIPVisionModel` (`clip_vision_model`,
+  or the vision half of a whole `clip` checkpoint) and, with LayerScale, `Dinov2Model` (`dinov2`,
+  `dinov2_with_registers`);
+* `text_transformer` <- `CLIPTextModel` (`clip_text_model`, or the text half of `clip`);
+* `llama` <- `LlamaModel` (`llama`, also inside `LlamaForCausalLM`).
+
+The tower's `kind` and the checkpoint's `model_type` pick the family; the tower fields the family
+needs (e.g. `ln_pre=True` for CLIP vision) are checked. Every architecture field that differs from
+the tower config, and every tensor that is missing, unexpected or of the wrong shape, is named in
+one error. Tensors are read one at a time and placed straight into the target shardings
+(`jax.make_array_from_callback`: each device gets only its slice), so a large checkpoint never has a
+full copy per device.
 
 `export_tower` writes a tower's parameters back in the family's Hugging Face layout
 (`model.safetensors` + `config.json`); importing that directory gives the same arrays bit for bit.
@@ -60,6 +70,12 @@ def _to_flax(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     return (array.T if array.ndim == 2 else array).reshape(shape)
   if layout == "heads_out":  # [D, H*Dh] -> [H, Dh, D]
     return array.T.reshape(shape)
+  if layout == "conv":  # [out, in, kh, kw] -> [kh, kw, in, out]
+    return array.transpose(2, 3, 1, 0)
+  if layout == "lead1":  # [1, *shape] -> shape
+    return array[0]
+  if layout == "token":  # [D] -> [1, 1, D]
+    return array.reshape(shape)
   raise ValueError(f"unknown tensor layout {layout!r}")
 
 
@@ -72,65 +88,328 @@ def _to_hf(layout: str, array: np.ndarray) -> np.ndarray:
     return array.reshape(array.shape[0], -1).T if array.ndim == 3 else array.reshape(-1)
   if layout == "heads_out":
     return array.reshape(-1, array.shape[-1]).T
+  if layout == "conv":
+    return array.transpose(3, 2, 0, 1)
+  if layout == "lead1":
+    return array[None]
+  if layout == "token":
+    return array.reshape(-1)
   raise ValueError(f"unknown tensor layout {layout!r}")
+
+
+def _same_shape_layout(layout: str) -> bool:
+  """Layouts whose stored tensor has as many dimensions as our parameter."""
+  return layout in ("copy", "linear", "conv")
+
+
+Names = dict[str, tuple[str, str]]  # our parameter path -> (stored name, layout)
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """How one architecture family is stored by Hugging Face.
+  """How one architecture family is stored by Hugging Face, and which tower kind holds it.
 
   Attributes:
-    model_type: `config.json`'s `model_type`.
+    name: the family (`bert`, `vit`, `clip_vision`, `clip_text`).
+    tower_kind: our tower kind (`model.<tower>.kind`) that implements it.
+    model_types: `config.json` `model_type`s it reads; the first is written on export. A type
+      mapped in `sub_config` keeps the tower's fields in a nested dict (a whole CLIP checkpoint
+      keeps the vision tower's in `vision_config`).
     config_fields: tower field -> `config.json` field, compared on import, written on export.
-    fixed_fields: `config.json` fields our tower implements only one value of (e.g. the activation).
-    tensors: tower fields -> `{our parameter path: (stored name, layout)}`.
+    fixed_fields: `config.json` fields our tower implements only one value of.
+    tower_fixed: tower fields that must have these values for this family (e.g. CLIP's `ln_pre`).
+    tensors: the tower config -> `{our parameter path: (stored name, layout)}`.
     prefixes: name prefixes a checkpoint may put before the stored names (`bert.` in
-      `BertForPreTraining`); the one under which the first tensor exists is used.
-    ignored: regular expressions of stored names the tower does not use (task heads, buffers).
+      `BertForPreTraining`); the one under which the first tensor exists is used, the first is
+      written on export.
+    ignored: regular expressions of stored names the tower does not use (task heads, buffers,
+      the other tower of a two-tower checkpoint).
     export_fields: extra `config.json` fields written on export.
+    derived: `config.json` (the tower's part) -> tower field values it implies beyond
+      `config_fields` (DINOv2's `mlp_dim = hidden_size * mlp_ratio`), compared on import.
+    export_derived: the tower config -> the `config.json` fields `derived` reads, for export.
   """
 
-  model_type: str
+  name: str
+  tower_kind: str
+  model_types: tuple[str, ...]
   config_fields: dict[str, str]
-  fixed_fields: dict[str, Any]
-  tensors: Callable[[dict[str, Any]], dict[str, tuple[str, str]]]
+  tensors: Callable[[dict[str, Any]], Names]
+  fixed_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+  tower_fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sub_config: dict[str, str] = dataclasses.field(default_factory=dict)
   prefixes: tuple[str, ...] = ("",)
   ignored: tuple[str, ...] = ()
   export_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+  derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf_config: {}
+  export_derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda tower: {}
 
 
-def _bert_tensors(tower: dict[str, Any]) -> dict[str, tuple[str, str]]:
-  """Our `bert` tower's parameter paths -> (Hugging Face `BertModel` names, layout)."""
-  names = {
+def _add_linear(names: Names, ours: str, hf: str, layout: str = "linear", bias: str = "copy"):
+  names[f"{ours}/kernel"] = (f"{hf}.weight", layout)
+  names[f"{ours}/bias"] = (f"{hf}.bias", bias)
+
+
+def _add_norm(names: Names, ours: str, hf: str):
+  names[f"{ours}/scale"] = (f"{hf}.weight", "copy")
+  names[f"{ours}/bias"] = (f"{hf}.bias", "copy")
+
+
+def _add_block(names: Names, ours: str, hf: str, parts: dict[str, str]):
+  """One transformer block: `parts` gives the stored sub-names of query/key/value/out, the two
+  MLP layers and the two LayerNorms (`ln_attn`, `ln_mlp`) below `hf`."""
+  for proj in ("query", "key", "value"):
+    _add_linear(names, f"{ours}/attn/{proj}", f"{hf}.{parts[proj]}", "heads_in", "heads_in")
+  _add_linear(names, f"{ours}/attn/out", f"{hf}.{parts['out']}", "heads_out")
+  _add_linear(names, f"{ours}/mlp/fc1", f"{hf}.{parts['fc1']}")
+  _add_linear(names, f"{ours}/mlp/fc2", f"{hf}.{parts['fc2']}")
+  _add_norm(names, f"{ours}/ln_attn", f"{hf}.{parts['ln_attn']}")
+  _add_norm(names, f"{ours}/ln_mlp", f"{hf}.{parts['ln_mlp']}")
+
+
+BERT_BLOCK = dict(
+  query="attention.self.query",
+  key="attention.self.key",
+  value="attention.self.value",
+  out="attention.output.dense",
+  fc1="intermediate.dense",
+  fc2="output.dense",
+  ln_attn="attention.output.LayerNorm",
+  ln_mlp="output.LayerNorm",
+)
+VIT_BLOCK = {
+  **BERT_BLOCK,
+  "query": "attention.attention.query",
+  "key": "attention.attention.key",
+  "value": "attention.attention.value",
+  "ln_attn": "layernorm_before",
+  "ln_mlp": "layernorm_after",
+}
+CLIP_BLOCK = dict(
+  query="self_attn.q_proj",
+  key="self_attn.k_proj",
+  value="self_attn.v_proj",
+  out="self_attn.out_proj",
+  fc1="mlp.fc1",
+  fc2="mlp.fc2",
+  ln_attn="layer_norm1",
+  ln_mlp="layer_norm2",
+)
+
+
+def _bert_tensors(tower: dict[str, Any]) -> Names:
+  """Our `bert` tower -> Hugging Face `BertModel`."""
+  names: Names = {
     "token_embed/embedding": ("embeddings.word_embeddings.weight", "copy"),
     "position_embed/embedding": ("embeddings.position_embeddings.weight", "copy"),
     "type_embed/embedding": ("embeddings.token_type_embeddings.weight", "copy"),
-    "embed_ln/scale": ("embeddings.LayerNorm.weight", "copy"),
-    "embed_ln/bias": ("embeddings.LayerNorm.bias", "copy"),
   }
+  _add_norm(names, "embed_ln", "embeddings.LayerNorm")
   for i in range(int(tower["depth"])):
-    ours, hf = f"block_{i}", f"encoder.layer.{i}"
-    for proj in ("query", "key", "value"):
-      names[f"{ours}/attn/{proj}/kernel"] = (f"{hf}.attention.self.{proj}.weight", "heads_in")
-      names[f"{ours}/attn/{proj}/bias"] = (f"{hf}.attention.self.{proj}.bias", "heads_in")
-    names[f"{ours}/attn/out/kernel"] = (f"{hf}.attention.output.dense.weight", "heads_out")
-    names[f"{ours}/attn/out/bias"] = (f"{hf}.attention.output.dense.bias", "copy")
-    names[f"{ours}/mlp/fc1/kernel"] = (f"{hf}.intermediate.dense.weight", "linear")
-    names[f"{ours}/mlp/fc1/bias"] = (f"{hf}.intermediate.dense.bias", "copy")
-    names[f"{ours}/mlp/fc2/kernel"] = (f"{hf}.output.dense.weight", "linear")
-    names[f"{ours}/mlp/fc2/bias"] = (f"{hf}.output.dense.bias", "copy")
-    for ln, where in (("ln_attn", "attention.output"), ("ln_mlp", "output")):
-      names[f"{ours}/{ln}/scale"] = (f"{hf}.{where}.LayerNorm.weight", "copy")
-      names[f"{ours}/{ln}/bias"] = (f"{hf}.{where}.LayerNorm.bias", "copy")
+    _add_block(names, f"block_{i}", f"encoder.layer.{i}", BERT_BLOCK)
   if tower.get("pool") == "pooler":
-    names["pooler/kernel"] = ("pooler.dense.weight", "linear")
-    names["pooler/bias"] = ("pooler.dense.bias", "copy")
+    _add_linear(names, "pooler", "pooler.dense")
   return names
 
 
-FAMILIES: dict[str, Family] = {
-  "bert": Family(
-    model_type="bert",
+def _vit_tensors(tower: dict[str, Any]) -> Names:
+  """Our `vit` tower (CLS with a position embedding) -> Hugging Face `ViTModel` (also DeiT)."""
+  names: Names = {
+    "cls": ("embeddings.cls_token", "copy"),
+    "pos_embedding": ("embeddings.position_embeddings", "lead1"),
+  }
+  _add_linear(names, "patch_embed", "embeddings.patch_embeddings.projection", "conv")
+  for i in range(int(tower["depth"])):
+    _add_block(names, f"encoder/block_{i}", f"encoder.layer.{i}", VIT_BLOCK)
+  _add_norm(names, "encoder/ln_final", "layernorm")
+  return names
+
+
+def _dinov2_tensors(tower: dict[str, Any]) -> Names:
+  """Our `vit` tower with LayerScale (and registers) -> Hugging Face `Dinov2Model`
+  (`Dinov2WithRegistersModel`)."""
+  names = _vit_tensors({**tower, "depth": 0})
+  if int(tower.get("num_registers", 0)):
+    names["registers"] = ("embeddings.register_tokens", "copy")
+  for i in range(int(tower["depth"])):
+    ours, hf = f"encoder/block_{i}", f"encoder.layer.{i}"
+    _add_block(names, ours, hf, {**VIT_BLOCK, "fc1": "mlp.fc1", "fc2": "mlp.fc2"})
+    _add_norm(names, f"{ours}/ln_attn", f"{hf}.norm1")
+    _add_norm(names, f"{ours}/ln_mlp", f"{hf}.norm2")
+    names[f"{ours}/ls_attn"] = (f"{hf}.layer_scale1.lambda1", "copy")
+    names[f"{ours}/ls_mlp"] = (f"{hf}.layer_scale2.lambda1", "copy")
+  return names
+
+
+def _dinov2_derived(hf_config: dict[str, Any]) -> dict[str, Any]:
+  derived = {"num_registers": int(hf_config.get("num_register_tokens", 0))}
+  if "hidden_size" in hf_config and "mlp_ratio" in hf_config:
+    derived["mlp_dim"] = int(round(hf_config["hidden_size"] * hf_config["mlp_ratio"]))
+  return derived
+
+
+def _clip_vision_tensors(tower: dict[str, Any]) -> Names:
+  """Our `vit` tower (`ln_pre`, no patch bias) -> Hugging Face `CLIPVisionModel`."""
+  names: Names = {
+    "cls": ("embeddings.class_embedding", "token"),
+    "pos_embedding": ("embeddings.position_embedding.weight", "copy"),
+    "patch_embed/kernel": ("embeddings.patch_embedding.weight", "conv"),
+  }
+  _add_norm(names, "ln_pre", "pre_layrnorm")  # sic: Hugging Face's name
+  for i in range(int(tower["depth"])):
+    _add_block(names, f"encoder/block_{i}", f"encoder.layers.{i}", CLIP_BLOCK)
+  _add_norm(names, "encoder/ln_final", "post_layernorm")
+  return names
+
+
+def _clip_text_tensors(tower: dict[str, Any]) -> Names:
+  """Our `text_transformer` tower (causal, EOS pooling) -> Hugging Face `CLIPTextModel`."""
+  names: Names = {
+    "token_embed/embedding": ("embeddings.token_embedding.weight", "copy"),
+    "pos_embedding": ("embeddings.position_embedding.weight", "copy"),
+  }
+  for i in range(int(tower["depth"])):
+    _add_block(names, f"encoder/block_{i}", f"encoder.layers.{i}", CLIP_BLOCK)
+  _add_norm(names, "encoder/ln_final", "final_layer_norm")
+  return names
+
+
+def _llama_tensors(tower: dict[str, Any]) -> Names:
+  """Our `llama` tower -> Hugging Face `LlamaModel` (`model.` before the names in
+  `LlamaForCausalLM`)."""
+  names: Names = {"token_embed/embedding": ("embed_tokens.weight", "copy")}
+  for i in range(int(tower["depth"])):
+    ours, hf = f"block_{i}", f"layers.{i}"
+    for proj, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      names[f"{ours}/attn/{proj}/kernel"] = (f"{hf}.self_attn.{theirs}.weight", "heads_in")
+    names[f"{ours}/attn/out/kernel"] = (f"{hf}.self_attn.o_proj.weight", "heads_out")
+    for part in ("gate", "up", "down"):
+      names[f"{ours}/{part}/kernel"] = (f"{hf}.mlp.{part}_proj.weight", "linear")
+    names[f"{ours}/ln_attn/scale"] = (f"{hf}.input_layernorm.weight", "copy")
+    names[f"{ours}/ln_mlp/scale"] = (f"{hf}.post_attention_layernorm.weight", "copy")
+  names["ln_final/scale"] = ("norm.weight", "copy")
+  return names
+
+
+def _llama_derived(hf_config: dict[str, Any]) -> dict[str, Any]:
+  """RoPE base and head sizes, from the top level (transformers 4) or `rope_parameters` (5)."""
+  rope = dict(hf_config.get("rope_parameters") or {})
+  scaling = hf_config.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  if rope_type != "default":
+    raise ConfigError(f"llama: RoPE type {rope_type!r} is not implemented (only 'default')")
+  heads = hf_config.get("num_attention_heads")
+  derived = {"rope_theta": float(rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0)))}
+  derived["num_kv_heads"] = int(hf_config.get("num_key_value_heads") or heads)
+  derived["head_dim"] = int(hf_config.get("head_dim") or hf_config["hidden_size"] // heads)
+  return derived
+
+
+def _llama_tower_defaults(tower: dict[str, Any]) -> dict[str, Any]:
+  """`num_kv_heads` / `head_dim` left at None mean `num_heads` / `width // num_heads`."""
+  return dict(
+    num_kv_heads=tower.get("num_kv_heads") or tower["num_heads"],
+    head_dim=tower.get("head_dim") or tower["width"] // tower["num_heads"],
+  )
+
+
+_TRANSFORMER_FIELDS = dict(
+  width="hidden_size",
+  depth="num_hidden_layers",
+  num_heads="num_attention_heads",
+  mlp_dim="intermediate_size",
+  layer_norm_eps="layer_norm_eps",
+)
+_BUFFERS = r".*position_ids"
+_OTHER_CLIP_PARTS = (r"visual_projection\..*", r"text_projection\..*", r"logit_scale", _BUFFERS)
+
+FAMILIES: tuple[Family, ...] = (
+  Family(
+    name="bert",
+    tower_kind="bert",
+    model_types=("bert",),
+    config_fields=dict(
+      vocab_size="vocab_size",
+      max_len="max_position_embeddings",
+      type_vocab_size="type_vocab_size",
+      **_TRANSFORMER_FIELDS,
+    ),
+    fixed_fields=dict(hidden_act="gelu", position_embedding_type="absolute"),
+    tensors=_bert_tensors,
+    prefixes=("", "bert."),
+    ignored=(r"(bert\.)?pooler\..*", r"cls\..*", _BUFFERS, r"(bert\.)?embeddings\..*_ids"),
+    export_fields=dict(architectures=["BertModel"], pad_token_id=0),
+  ),
+  Family(
+    name="vit",
+    tower_kind="vit",
+    model_types=("vit",),
+    config_fields=dict(
+      image_size="image_size",
+      patch_size="patch_size",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    fixed_fields=dict(qkv_bias=True, num_channels=3),
+    tower_fixed=dict(
+      cls_pos_embed=True, ln_pre=False, patch_bias=True, layer_scale=False, num_registers=0
+    ),
+    tensors=_vit_tensors,
+    prefixes=("", "vit."),
+    ignored=(r"(vit\.)?pooler\..*", r"classifier\..*", _BUFFERS),
+    export_fields=dict(architectures=["ViTModel"]),
+  ),
+  Family(
+    name="dinov2",
+    tower_kind="vit",
+    model_types=("dinov2", "dinov2_with_registers"),
+    config_fields={
+      **{k: v for k, v in _TRANSFORMER_FIELDS.items() if k != "mlp_dim"},
+      "image_size": "image_size",
+      "patch_size": "patch_size",
+      "activation": "hidden_act",
+    },
+    fixed_fields=dict(qkv_bias=True, num_channels=3, use_swiglu_ffn=False),
+    tower_fixed=dict(cls_pos_embed=True, ln_pre=False, patch_bias=True, layer_scale=True),
+    tensors=_dinov2_tensors,
+    prefixes=("",),
+    ignored=(r"embeddings\.mask_token", _BUFFERS),
+    export_fields=dict(architectures=["Dinov2Model"]),
+    derived=_dinov2_derived,
+    export_derived=lambda tower: dict(
+      mlp_ratio=tower["mlp_dim"] / tower["width"],
+      layerscale_value=tower.get("layer_scale_init", 1.0),
+      **(
+        dict(model_type="dinov2_with_registers", num_register_tokens=tower["num_registers"])
+        if tower.get("num_registers")
+        else {}
+      ),
+    ),
+  ),
+  Family(
+    name="clip_vision",
+    tower_kind="vit",
+    model_types=("clip_vision_model", "clip"),
+    sub_config={"clip": "vision_config"},
+    config_fields=dict(
+      image_size="image_size",
+      patch_size="patch_size",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    fixed_fields=dict(num_channels=3),
+    tower_fixed=dict(
+      cls_pos_embed=True, ln_pre=True, patch_bias=False, layer_scale=False, num_registers=0
+    ),
+    tensors=_clip_vision_tensors,
+    prefixes=("vision_model.",),
+    ignored=(r"text_model\..*", *_OTHER_CLIP_PARTS),
+    export_fields=dict(architectures=["CLIPVisionModel"]),
+  ),
+  Family(
+    name="llama",
+    tower_kind="llama",
+    model_types=("llama",),
     config_fields=dict(
       vocab_size="vocab_size",
       width="hidden_size",
@@ -138,16 +417,38 @@ FAMILIES: dict[str, Family] = {
       num_heads="num_attention_heads",
       mlp_dim="intermediate_size",
       max_len="max_position_embeddings",
-      type_vocab_size="type_vocab_size",
-      layer_norm_eps="layer_norm_eps",
+      norm_eps="rms_norm_eps",
     ),
-    fixed_fields=dict(hidden_act="gelu", position_embedding_type="absolute"),
-    tensors=_bert_tensors,
-    prefixes=("", "bert."),
-    ignored=(r"(bert\.)?pooler\..*", r"cls\..*", r".*position_ids", r"(bert\.)?embeddings\..*_ids"),
-    export_fields=dict(architectures=["BertModel"], pad_token_id=0),
+    fixed_fields=dict(hidden_act="silu", attention_bias=False, mlp_bias=False),
+    tensors=_llama_tensors,
+    prefixes=("", "model."),
+    ignored=(r"lm_head\..*", r".*rotary_emb\.inv_freq"),
+    export_fields=dict(architectures=["LlamaModel"]),
+    derived=_llama_derived,
+    export_derived=lambda tower: dict(
+      rope_theta=tower["rope_theta"],
+      num_key_value_heads=_llama_tower_defaults(tower)["num_kv_heads"],
+      head_dim=_llama_tower_defaults(tower)["head_dim"],
+    ),
   ),
-}
+  Family(
+    name="clip_text",
+    tower_kind="text_transformer",
+    model_types=("clip_text_model", "clip"),
+    sub_config={"clip": "text_config"},
+    config_fields=dict(
+      vocab_size="vocab_size",
+      max_len="max_position_embeddings",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    tower_fixed=dict(causal=True, pool="eos"),
+    tensors=_clip_text_tensors,
+    prefixes=("text_model.",),
+    ignored=(r"vision_model\..*", *_OTHER_CLIP_PARTS),
+    export_fields=dict(architectures=["CLIPTextModel"]),
+  ),
+)
 
 
 # --- Locations. ---
@@ -243,13 +544,43 @@ def with_defaults(tower: dict[str, Any]) -> dict[str, Any]:
   return {**defaults, **tower}
 
 
-def family_of(tower: dict[str, Any], where: str) -> Family:
-  kind = tower.get("kind")
-  if kind not in FAMILIES:
+def _families_of(kind: Any) -> list[Family]:
+  return [f for f in FAMILIES if f.tower_kind == kind]
+
+
+def family_for_import(tower: dict[str, Any], hf_config: dict[str, Any], where: str) -> Family:
+  """The family of tower kind `tower["kind"]` that reads `hf_config["model_type"]`."""
+  kind, model_type = tower.get("kind"), hf_config.get("model_type")
+  candidates = _families_of(kind)
+  for family in candidates:
+    if model_type in family.model_types:
+      return family
+  known = sorted(f"{f.tower_kind} <- {t}" for f in FAMILIES for t in f.model_types)
+  raise ConfigError(
+    f"config.{where}.kind={kind!r} cannot load a checkpoint of model_type {model_type!r}; "
+    f"tower kind <- model_type pairs: {known}"
+  )
+
+
+def family_for_export(tower: dict[str, Any], where: str) -> Family:
+  """The first family of the tower's kind whose fixed tower fields the tower config has."""
+  candidates = _families_of(tower.get("kind"))
+  for family in candidates:
+    if all(tower.get(k) == v for k, v in family.tower_fixed.items()):
+      return family
+  if not candidates:
     raise ConfigError(
-      f"config.{where}.kind={kind!r} has no Hugging Face mapping; families: {sorted(FAMILIES)}"
+      f"config.{where}.kind={tower.get('kind')!r} has no Hugging Face mapping; tower kinds with "
+      f"one: {sorted({f.tower_kind for f in FAMILIES})}"
     )
-  return FAMILIES[kind]
+  needs = {f.name: f.tower_fixed for f in candidates}
+  raise ConfigError(f"config.{where} fits no Hugging Face family of its kind; they need {needs}")
+
+
+def tower_config_of(family: Family, hf_config: dict[str, Any]) -> dict[str, Any]:
+  """The part of `config.json` that describes the tower (a nested dict for whole CLIP models)."""
+  key = family.sub_config.get(hf_config.get("model_type"))
+  return {"model_type": hf_config.get("model_type"), **hf_config.get(key, {})} if key else hf_config
 
 
 def check_architecture(
@@ -257,11 +588,19 @@ def check_architecture(
 ) -> None:
   """ConfigError listing every architecture field on which `tower` and `hf_config` disagree."""
   problems = []
-  if hf_config.get("model_type") != family.model_type:
-    problems.append(f"model_type is {hf_config.get('model_type')!r}, not {family.model_type!r}")
+  for ours, value in family.tower_fixed.items():
+    if tower.get(ours) != value:
+      problems.append(f"config.{where}.{ours} must be {value!r} for a {family.name} checkpoint")
+  hf_config = tower_config_of(family, hf_config)
   for ours, theirs in family.config_fields.items():
     if theirs in hf_config and ours in tower and tower[ours] != hf_config[theirs]:
       problems.append(f"config.{where}.{ours}={tower[ours]!r} but {theirs}={hf_config[theirs]!r}")
+  resolved = {**tower, **(_llama_tower_defaults(tower) if tower.get("kind") == "llama" else {})}
+  for ours, value in family.derived(hf_config).items():
+    if resolved.get(ours) != value:
+      problems.append(
+        f"config.{where}.{ours}={resolved.get(ours)!r} but the checkpoint implies {value!r}"
+      )
   for theirs, value in family.fixed_fields.items():
     if theirs in hf_config and hf_config[theirs] != value:
       problems.append(f"{theirs}={hf_config[theirs]!r}: only {value!r} is implemented")
@@ -295,7 +634,7 @@ def match_tensors(
     if name in stored and ours in targets:
       want = targets[ours]
       if int(np.prod(stored[name])) != int(np.prod(want)) or (
-        layout in ("copy", "linear") and len(stored[name]) != len(want)
+        _same_shape_layout(layout) and len(stored[name]) != len(want)
       ):
         problems.append(f"tensor {name} has shape {stored[name]}, the tower needs {want} ({ours})")
   used = {name for name, _ in names.values()}
@@ -315,10 +654,11 @@ def load_tower(
 ) -> Any:
   """The parameter sub-tree `abstract` (ShapeDtypeStructs with shardings, or shapes) of a tower
   configured by `tower`, read from the Hugging Face checkpoint in `directory`."""
-  family = family_of(tower, where)
   tower = with_defaults(tower)
   source = str(directory)
-  check_architecture(family, tower, read_hf_config(directory), where, source)
+  hf_config = read_hf_config(directory)
+  family = family_for_import(tower, hf_config, where)
+  check_architecture(family, tower, hf_config, where, source)
   files = weight_files(directory)
   flat = {
     pytrees.path_name(path): leaf
@@ -366,14 +706,23 @@ def load_from_hf(
 # --- Export. ---
 
 
-def export_tower(params: Any, tower: dict[str, Any], directory: Any, where: str = "model") -> Any:
+def export_tower(
+  params: Any,
+  tower: dict[str, Any],
+  directory: Any,
+  where: str = "model",
+  extra_fields: dict[str, Any] | None = None,
+) -> Any:
   """Writes `params` (the tower's sub-tree) as `model.safetensors` + `config.json` in
-  `directory` (created), in the family's Hugging Face layout. Returns the directory."""
+  `directory` (created), in the Hugging Face layout of the tower's family (`family_for_export`).
+  `extra_fields` go into `config.json` too (e.g. the tokenizer's special ids). Returns the
+  directory."""
   from safetensors.numpy import save  # noqa: PLC0415
 
-  family = family_of(tower, where)
   tower = with_defaults(tower)
-  names = family.tensors(tower)
+  family = family_for_export(tower, where)
+  prefix = family.prefixes[0]
+  names = {ours: (prefix + name, layout) for ours, (name, layout) in family.tensors(tower).items()}
   flat = pytrees.named_leaves(params)
   missing = sorted(set(names) - set(flat))
   extra = sorted(set(flat) - set(names))
@@ -387,8 +736,10 @@ def export_tower(params: Any, tower: dict[str, Any], directory: Any, where: str 
   }
   directory = workdir_lib.as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  hf_config = {"model_type": family.model_type, **family.export_fields, **family.fixed_fields}
+  hf_config = {"model_type": family.model_types[0], **family.export_fields, **family.fixed_fields}
   hf_config.update({theirs: tower[ours] for ours, theirs in family.config_fields.items()})
+  hf_config.update(family.export_derived(tower))
+  hf_config.update(extra_fields or {})
   workdir_lib.write_text(directory / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
   workdir_lib.write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
   return directory

@@ -1,0 +1,203 @@
+"""Llama text tower (`kind: llama`): RMSNorm, rotary position embeddings, SwiGLU, grouped-query
+causal attention.
+
+The architecture of Hugging Face's `LlamaModel` (Touvron et al. 2023, Llama 2), so its checkpoints
+load unchanged (`vlalign/weights/hf.py`): token embedding; per layer `x = x + Attn(RMSNorm(x))`,
+`x = x + W_down (silu(W_gate h) * W_up h)` with `h = RMSNorm(x)`; a final RMSNorm. Attention is
+causal over the real tokens, `num_kv_heads` key/value heads are shared by groups of query heads,
+queries and keys are rotated by RoPE (`rotate_half` convention, base `rope_theta`, positions
+0..L-1). No biases. RMSNorm statistics and the softmax run in float32 in any compute dtype
+(bf16-friendly).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlalign.errors import ConfigError
+from vlalign.models import TOWERS
+from vlalign.models.layers import PARAM_DTYPE, Dtype, causal_mask, key_padding_mask
+from vlalign.models.text import pool_tokens
+
+
+class RMSNorm(nn.Module):
+  """`x / sqrt(mean(x^2) + eps) * scale` over the last axis, statistics in float32."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), PARAM_DTYPE)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """`(cos, sin)`, each `[L, Dh]` float32, for positions 0..L-1 (halves repeated, as in HF)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x `[B, L, H, Dh]` rotated: `x cos + rotate_half(x) sin`, in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
+
+
+class GroupedQueryAttention(nn.Module):
+  """Causal attention, `num_kv_heads` key/value heads, RoPE: `[B, L, D] -> [B, L, D]`."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
+    dense = lambda heads, name: nn.DenseGeneral(
+      (heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+    )
+    q = dense(self.num_heads, "query")(x)
+    k = dense(self.num_kv_heads, "key")(x)
+    v = dense(self.num_kv_heads, "value")(x)
+    cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    groups = self.num_heads // self.num_kv_heads
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.attention_dropout)(probs, deterministic=not train)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    return nn.DenseGeneral(
+      x.shape[-1],
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+      name="out",
+    )(out)
+
+
+class LlamaBlock(nn.Module):
+  """`x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`: `[B, L, D] -> [B, L, D]`."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = RMSNorm(self.norm_eps, self.dtype, name="ln_attn")(x)
+    y = GroupedQueryAttention(
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+      self.rope_theta,
+      self.dropout,
+      self.dtype,
+      name="attn",
+    )(y, mask, train)
+    x = x + drop(y)
+    y = RMSNorm(self.norm_eps, self.dtype, name="ln_mlp")(x)
+    dense = lambda width, name: nn.Dense(
+      width, use_bias=False, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+    )
+    h = nn.silu(dense(self.mlp_dim, "gate")(y)) * dense(self.mlp_dim, "up")(y)
+    return x + drop(dense(x.shape[-1], "down")(h))
+
+
+@TOWERS.register("llama")
+class Llama(nn.Module):
+  """Llama decoder used as a text encoder (Hugging Face `LlamaModel` layout).
+
+  Attributes:
+    vocab_size, width, depth, num_heads, mlp_dim: `vocab_size`, `hidden_size`,
+      `num_hidden_layers`, `num_attention_heads`, `intermediate_size`.
+    num_kv_heads: key/value heads (`num_key_value_heads`; must divide `num_heads`).
+    head_dim: per-head width (`head_dim`; default `width // num_heads`).
+    max_len: longest input (`max_position_embeddings`; RoPE itself has no table).
+    rope_theta: RoPE base (`rope_theta`, 10,000 in Llama 2).
+    norm_eps: RMSNorm epsilon (`rms_norm_eps`).
+    pool: `cls` from the tokens: "eos" (the last real token: what a causal model has read the
+      whole text at) or "mean" over real tokens.
+    dropout: residual and attention dropout (0 in Llama).
+    dtype: compute dtype (parameters stay float32).
+    remat: recompute block activations in the backward pass.
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  max_len: int = 4096
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  pool: str = "eos"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ConfigError(f"llama: num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
+    if self.pool not in ("eos", "mean"):
+      raise ConfigError(f"unknown llama pool {self.pool!r}; choose 'eos' or 'mean'")
+    self.token_embed = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+    )
+    block_cls = nn.remat(LlamaBlock, static_argnums=(3,)) if self.remat else LlamaBlock
+    self.blocks = [
+      block_cls(
+        num_heads=self.num_heads,
+        num_kv_heads=kv_heads,
+        head_dim=self.head_dim or self.width // self.num_heads,
+        mlp_dim=self.mlp_dim,
+        rope_theta=self.rope_theta,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name=f"block_{i}",
+      )
+      for i in range(self.depth)
+    ]
+    self.ln_final = RMSNorm(self.norm_eps, self.dtype)
+
+  def embedding_table(self) -> jax.Array:
+    """The float32 token embedding table `[V, D]`."""
+    return self.token_embed.embedding
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
+    length = ids.shape[1]
+    if length > self.max_len:
+      raise ConfigError(f"text length {length} exceeds model.text.max_len={self.max_len}")
+    x = self.token_embed(ids)
+    attn_mask = key_padding_mask(mask) & causal_mask(length)
+    for block in self.blocks:
+      x = block(x, attn_mask, train)
+    x = self.ln_final(x)
+    return {"cls": pool_tokens(x, mask, self.pool), "tokens": x}
