@@ -80,6 +80,31 @@ DINOV2 = dict(
   layer_scale=True,
   pos_interpolation="bicubic",
 )
+SIGLIP_VISION = dict(
+  kind="vit",
+  width=32,
+  depth=2,
+  num_heads=4,
+  mlp_dim=37,
+  image_size=32,
+  patch_size=8,
+  class_token=False,
+  pool="map",
+  activation="gelu_tanh",
+)
+SIGLIP_TEXT = dict(
+  kind="text_transformer",
+  vocab_size=99,
+  width=32,
+  depth=2,
+  num_heads=4,
+  mlp_dim=37,
+  max_len=16,
+  pool="last",
+  attend_padding=True,
+  head=True,
+  activation="gelu_tanh",
+)
 LLAMA = dict(
   kind="llama",
   vocab_size=99,
@@ -160,6 +185,21 @@ def test_tiny_dinov2_matches_transformers(registers):
   assert _tower_apply(tower, params, bigger)["tokens"].shape == (1, 9, 32)
 
 
+def test_tiny_siglip_towers_match_transformers():
+  directory = FIXTURES / "tiny_siglip"
+  ref = np.load(directory / "reference.npz")
+  params = hf.load_tower(directory, SIGLIP_VISION, _tower_abstract(SIGLIP_VISION, ref["images"]))
+  out = _tower_apply(SIGLIP_VISION, params, ref["images"])
+  np.testing.assert_allclose(out["tokens"], ref["vision_last_hidden_state"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["cls"], ref["vision_pooler_output"], atol=1e-5, rtol=0)
+  ids = ref["ids"]
+  mask = (ids != 1).astype(np.int32)  # the mask is ignored (attend_padding) except by pooling
+  params = hf.load_tower(directory, SIGLIP_TEXT, _tower_abstract(SIGLIP_TEXT, ids, mask))
+  out = _tower_apply(SIGLIP_TEXT, params, ids, mask)
+  np.testing.assert_allclose(out["tokens"], ref["text_last_hidden_state"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["cls"], ref["text_pooler_output"], atol=1e-5, rtol=0)
+
+
 def test_dinov2_register_count_is_checked():
   with pytest.raises(ConfigError, match="num_registers=0 but the checkpoint implies 4"):
     hf.load_tower(FIXTURES / "tiny_dinov2_registers", DINOV2, {})
@@ -208,6 +248,8 @@ ROUND_TRIP = {
   "dinov2": DINOV2,
   "dinov2_registers": {**DINOV2, "num_registers": 4},
   "llama": LLAMA,
+  "siglip_vision": SIGLIP_VISION,
+  "siglip_text": SIGLIP_TEXT,
 }
 
 

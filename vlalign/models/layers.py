@@ -164,3 +164,28 @@ class Encoder(nn.Module):
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (Lee et al. 2019; SigLIP, big_vision `MAPHead`):
+  `[B, N, D] -> [B, D]`.
+
+  A learned probe attends to the tokens, `y = Attn(probe, x)`, then `y + Mlp(LN(y))`.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]), PARAM_DTYPE)
+    probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+    y = attention(self.num_heads, 0.0, self.dtype, False, "attn")(probe, x)
+    z = nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln"
+    )(y)
+    y = y + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.activation, name="mlp")(z)
+    return y[:, 0]

@@ -8,7 +8,7 @@ from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
 
-POOLS = ("first", "eos", "mean")
+POOLS = ("first", "eos", "mean", "last")
 
 
 def text_attention_mask(mask: jax.Array, causal: bool) -> jax.Array:
@@ -23,10 +23,13 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
   """`[B, L, D]` -> `[B, D]`.
 
   `first`: position 0 (the CLS token); `eos`: the last real token, index `sum(mask) - 1` (clipped
-  to 0 for an empty row), as CLIP pools; `mean`: the mean over real tokens (0 for an empty row).
+  to 0 for an empty row), as CLIP pools; `mean`: the mean over real tokens (0 for an empty row);
+  `last`: the last position whatever the mask (SigLIP pads to a fixed length and pools there).
   """
   if pool == "first":
     return tokens[:, 0]
+  if pool == "last":
+    return tokens[:, -1]
   if pool == "eos":
     last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
     return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
@@ -52,6 +55,9 @@ class TextTransformer(nn.Module):
     remat: recompute block activations in the backward pass.
     layer_norm_eps: LayerNorm epsilon (CLIP: 1e-5).
     activation: MLP activation, `gelu` (exact) or `quick_gelu` (OpenAI CLIP).
+    attend_padding: padding tokens are attended to like real ones (SigLIP's text model was trained
+      without a mask on text padded to a fixed length).
+    head: a Dense(D) on the pooled token (SigLIP's text `head`).
 
   With `causal=True, pool="eos"` this is CLIP's text transformer (Hugging Face `CLIPTextModel`:
   `tokens` = its `last_hidden_state`, `cls` = its `pooler_output`).
@@ -70,6 +76,8 @@ class TextTransformer(nn.Module):
   remat: bool = False
   layer_norm_eps: float = 1e-6
   activation: str = "gelu"
+  attend_padding: bool = False
+  head: bool = False
 
   def setup(self):
     if self.pool not in POOLS:
@@ -85,6 +93,8 @@ class TextTransformer(nn.Module):
       "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.width), PARAM_DTYPE
     )
     self.embed_dropout = nn.Dropout(self.dropout)
+    if self.head:
+      self.head_proj = nn.Dense(self.width, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     self.encoder = Encoder(
       depth=self.depth,
       num_heads=self.num_heads,
@@ -111,5 +121,9 @@ class TextTransformer(nn.Module):
       )
     x = self.token_embed(ids) + self.pos_embedding[:length].astype(self.dtype)
     x = self.embed_dropout(x, deterministic=not train)
-    x = self.encoder(x, text_attention_mask(mask, self.causal), train)
-    return {"cls": pool_tokens(x, mask, self.pool), "tokens": x}
+    attend = jnp.ones_like(mask) if self.attend_padding else mask
+    x = self.encoder(x, text_attention_mask(attend, self.causal), train)
+    cls = pool_tokens(x, mask, self.pool)
+    if self.head:
+      cls = self.head_proj(cls)
+    return {"cls": cls, "tokens": x}

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
-from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder
+from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, MAPHead
+
+POOLS = ("cls", "map", "gap")
 
 
 def check_patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -60,6 +62,9 @@ class ViT(nn.Module):
     pos_interpolation: how the learned grid is resized to another input grid: "bilinear" or
       "bicubic" (DINOv2, timm). JAX's bicubic kernel is Keys' a = -0.5, PyTorch's a = -0.75, so
       resized grids are close to, not equal to, PyTorch's.
+    class_token: a learned CLS token before the patches (SigLIP has none).
+    pool: how `cls` is made: "cls" (the CLS token), "map" (multihead attention pooling of the
+      patch tokens, SigLIP's head) or "gap" (their mean).
 
   The final LayerNorm applies to every token, so `cls` is Hugging Face CLIP's `pooler_output`
   (its `post_layernorm` of the CLS) and, for ViT/DeiT, their `last_hidden_state[:, 0]`.
@@ -83,6 +88,8 @@ class ViT(nn.Module):
   layer_scale_init: float = 1.0
   num_registers: int = 0
   pos_interpolation: str = "bilinear"
+  class_token: bool = True
+  pool: str = "cls"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -110,20 +117,28 @@ class ViT(nn.Module):
       cls_pos = None
     x = x + resize_position_embedding(pos, rows, cols, self.pos_interpolation).astype(self.dtype)
     x = x.reshape(batch, rows * cols, self.width)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
-    if cls_pos is not None:
-      cls = cls + cls_pos
-    prefix = [cls]
+    if self.pool not in POOLS or (self.pool == "cls" and not self.class_token):
+      raise ConfigError(
+        f"vit pool {self.pool!r} (class_token={self.class_token}): choose one of {POOLS}; "
+        "'cls' needs class_token=True"
+      )
+    if self.cls_pos_embed and not self.class_token:
+      raise ConfigError("vit: cls_pos_embed needs class_token=True")
+    prefix = []
+    if self.class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
+      prefix.append(cls if cls_pos is None else cls + cls_pos)
     if self.num_registers:
       prefix.append(
         self.param(
           "registers", nn.initializers.zeros, (1, self.num_registers, self.width), PARAM_DTYPE
         )
       )
-    prefix = jnp.concatenate(prefix, axis=1)
-    x = jnp.concatenate(
-      [jnp.broadcast_to(prefix, (batch, *prefix.shape[1:])).astype(x.dtype), x], 1
-    )
+    if prefix:
+      prefix = jnp.concatenate(prefix, axis=1)
+      x = jnp.concatenate(
+        [jnp.broadcast_to(prefix, (batch, *prefix.shape[1:])).astype(x.dtype), x], 1
+      )
     if self.ln_pre:
       x = nn.LayerNorm(
         epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_pre"
@@ -143,4 +158,13 @@ class ViT(nn.Module):
       layer_scale_init=self.layer_scale_init,
       name="encoder",
     )(x, None, train)
-    return {"cls": x[:, 0], "tokens": x[:, 1 + self.num_registers :]}
+    tokens = x[:, int(self.class_token) + self.num_registers :]
+    if self.pool == "cls":
+      cls = x[:, 0]
+    elif self.pool == "map":
+      cls = MAPHead(
+        self.num_heads, self.mlp_dim, self.layer_norm_eps, self.activation, self.dtype, name="map"
+      )(tokens)
+    else:
+      cls = jnp.mean(tokens, axis=1)
+    return {"cls": cls, "tokens": tokens}

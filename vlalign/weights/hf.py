@@ -61,7 +61,19 @@ DEFAULT_TOWER = {"text_encoder": "text", "image_encoder": "image"}
 # kernels `[D, H, Dh]` with biases `[H, Dh]`, the output kernel `[H, Dh, D]`.
 
 
+def _split3(layout: str) -> tuple[int, str] | None:
+  """`split3:<i>:<inner>` (the i-th third of a fused q/k/v tensor, then `inner`) -> `(i, inner)`."""
+  if not layout.startswith("split3:"):
+    return None
+  _, index, inner = layout.split(":")
+  return int(index), inner
+
+
 def _to_flax(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  split = _split3(layout)
+  if split:
+    rows = array.shape[0] // 3
+    return _to_flax(split[1], array[split[0] * rows : (split[0] + 1) * rows], shape)
   if layout == "copy":
     return array
   if layout == "linear":  # [out, in] -> [in, out]
@@ -74,7 +86,7 @@ def _to_flax(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     return array.transpose(2, 3, 1, 0)
   if layout == "lead1":  # [1, *shape] -> shape
     return array[0]
-  if layout == "token":  # [D] -> [1, 1, D]
+  if layout in ("token", "grid"):  # [D] -> [1, 1, D]; [N, D] -> [g, g, D]
     return array.reshape(shape)
   raise ValueError(f"unknown tensor layout {layout!r}")
 
@@ -94,7 +106,31 @@ def _to_hf(layout: str, array: np.ndarray) -> np.ndarray:
     return array[None]
   if layout == "token":
     return array.reshape(-1)
+  if layout == "grid":
+    return array.reshape(-1, array.shape[-1])
+  split = _split3(layout)
+  if split:
+    return _to_hf(split[1], array)
   raise ValueError(f"unknown tensor layout {layout!r}")
+
+
+# Activation names: Hugging Face `hidden_act` -> ours (`vlalign.models.layers.ACTIVATIONS`).
+HF_ACTIVATIONS = {
+  "gelu": "gelu",
+  "quick_gelu": "quick_gelu",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_new": "gelu_tanh",
+}
+OUR_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def _hf_value(theirs: str, value: Any) -> Any:
+  """A `config.json` value as our tower field would hold it."""
+  return HF_ACTIVATIONS.get(value, value) if theirs == "hidden_act" else value
+
+
+def _export_value(theirs: str, value: Any) -> Any:
+  return OUR_ACTIVATIONS.get(value, value) if theirs == "hidden_act" else value
 
 
 def _same_shape_layout(layout: str) -> bool:
@@ -248,6 +284,31 @@ def _dinov2_derived(hf_config: dict[str, Any]) -> dict[str, Any]:
   return derived
 
 
+def _siglip_vision_tensors(tower: dict[str, Any]) -> Names:
+  """Our `vit` tower (no CLS, MAP pooling) -> Hugging Face `SiglipVisionModel`."""
+  names: Names = {"pos_embedding": ("embeddings.position_embedding.weight", "grid")}
+  _add_linear(names, "patch_embed", "embeddings.patch_embedding", "conv")
+  for i in range(int(tower["depth"])):
+    _add_block(names, f"encoder/block_{i}", f"encoder.layers.{i}", CLIP_BLOCK)
+  _add_norm(names, "encoder/ln_final", "post_layernorm")
+  names["map/probe"] = ("head.probe", "copy")
+  for i, proj in enumerate(("query", "key", "value")):
+    names[f"map/attn/{proj}/kernel"] = ("head.attention.in_proj_weight", f"split3:{i}:heads_in")
+    names[f"map/attn/{proj}/bias"] = ("head.attention.in_proj_bias", f"split3:{i}:heads_in")
+  _add_linear(names, "map/attn/out", "head.attention.out_proj", "heads_out")
+  _add_norm(names, "map/ln", "head.layernorm")
+  _add_linear(names, "map/mlp/fc1", "head.mlp.fc1")
+  _add_linear(names, "map/mlp/fc2", "head.mlp.fc2")
+  return names
+
+
+def _siglip_text_tensors(tower: dict[str, Any]) -> Names:
+  """Our `text_transformer` tower (last-position pooling, head) -> `SiglipTextModel`."""
+  names = _clip_text_tensors(tower)
+  _add_linear(names, "head_proj", "head")
+  return names
+
+
 def _clip_vision_tensors(tower: dict[str, Any]) -> Names:
   """Our `vit` tower (`ln_pre`, no patch bias) -> Hugging Face `CLIPVisionModel`."""
   names: Names = {
@@ -352,7 +413,13 @@ FAMILIES: tuple[Family, ...] = (
     ),
     fixed_fields=dict(qkv_bias=True, num_channels=3),
     tower_fixed=dict(
-      cls_pos_embed=True, ln_pre=False, patch_bias=True, layer_scale=False, num_registers=0
+      cls_pos_embed=True,
+      ln_pre=False,
+      patch_bias=True,
+      layer_scale=False,
+      num_registers=0,
+      class_token=True,
+      pool="cls",
     ),
     tensors=_vit_tensors,
     prefixes=("", "vit."),
@@ -370,7 +437,14 @@ FAMILIES: tuple[Family, ...] = (
       "activation": "hidden_act",
     },
     fixed_fields=dict(qkv_bias=True, num_channels=3, use_swiglu_ffn=False),
-    tower_fixed=dict(cls_pos_embed=True, ln_pre=False, patch_bias=True, layer_scale=True),
+    tower_fixed=dict(
+      cls_pos_embed=True,
+      ln_pre=False,
+      patch_bias=True,
+      layer_scale=True,
+      class_token=True,
+      pool="cls",
+    ),
     tensors=_dinov2_tensors,
     prefixes=("",),
     ignored=(r"embeddings\.mask_token", _BUFFERS),
@@ -399,7 +473,13 @@ FAMILIES: tuple[Family, ...] = (
     ),
     fixed_fields=dict(num_channels=3),
     tower_fixed=dict(
-      cls_pos_embed=True, ln_pre=True, patch_bias=False, layer_scale=False, num_registers=0
+      cls_pos_embed=True,
+      ln_pre=True,
+      patch_bias=False,
+      layer_scale=False,
+      num_registers=0,
+      class_token=True,
+      pool="cls",
     ),
     tensors=_clip_vision_tensors,
     prefixes=("vision_model.",),
@@ -442,11 +522,54 @@ FAMILIES: tuple[Family, ...] = (
       activation="hidden_act",
       **_TRANSFORMER_FIELDS,
     ),
-    tower_fixed=dict(causal=True, pool="eos"),
+    tower_fixed=dict(causal=True, pool="eos", attend_padding=False, head=False),
     tensors=_clip_text_tensors,
     prefixes=("text_model.",),
     ignored=(r"vision_model\..*", *_OTHER_CLIP_PARTS),
     export_fields=dict(architectures=["CLIPTextModel"]),
+  ),
+  Family(
+    name="siglip_vision",
+    tower_kind="vit",
+    model_types=("siglip_vision_model", "siglip"),
+    sub_config={"siglip": "vision_config"},
+    config_fields=dict(
+      image_size="image_size",
+      patch_size="patch_size",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    fixed_fields=dict(num_channels=3),
+    tower_fixed=dict(
+      class_token=False,
+      pool="map",
+      cls_pos_embed=False,
+      ln_pre=False,
+      patch_bias=True,
+      layer_scale=False,
+      num_registers=0,
+    ),
+    tensors=_siglip_vision_tensors,
+    prefixes=("vision_model.",),
+    ignored=(r"text_model\..*", r"logit_scale", r"logit_bias", _BUFFERS),
+    export_fields=dict(architectures=["SiglipVisionModel"]),
+  ),
+  Family(
+    name="siglip_text",
+    tower_kind="text_transformer",
+    model_types=("siglip_text_model", "siglip"),
+    sub_config={"siglip": "text_config"},
+    config_fields=dict(
+      vocab_size="vocab_size",
+      max_len="max_position_embeddings",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    tower_fixed=dict(causal=False, pool="last", attend_padding=True, head=True),
+    tensors=_siglip_text_tensors,
+    prefixes=("text_model.",),
+    ignored=(r"vision_model\..*", r"logit_scale", r"logit_bias", _BUFFERS),
+    export_fields=dict(architectures=["SiglipTextModel"]),
   ),
 )
 
@@ -593,7 +716,9 @@ def check_architecture(
       problems.append(f"config.{where}.{ours} must be {value!r} for a {family.name} checkpoint")
   hf_config = tower_config_of(family, hf_config)
   for ours, theirs in family.config_fields.items():
-    if theirs in hf_config and ours in tower and tower[ours] != hf_config[theirs]:
+    if (
+      theirs in hf_config and ours in tower and tower[ours] != _hf_value(theirs, hf_config[theirs])
+    ):
       problems.append(f"config.{where}.{ours}={tower[ours]!r} but {theirs}={hf_config[theirs]!r}")
   resolved = {**tower, **(_llama_tower_defaults(tower) if tower.get("kind") == "llama" else {})}
   for ours, value in family.derived(hf_config).items():
@@ -633,7 +758,8 @@ def match_tensors(
   for ours, (name, layout) in names.items():
     if name in stored and ours in targets:
       want = targets[ours]
-      if int(np.prod(stored[name])) != int(np.prod(want)) or (
+      parts = 3 if _split3(layout) else 1
+      if int(np.prod(stored[name])) != parts * int(np.prod(want)) or (
         _same_shape_layout(layout) and len(stored[name]) != len(want)
       ):
         problems.append(f"tensor {name} has shape {stored[name]}, the tower needs {want} ({ours})")
@@ -730,14 +856,22 @@ def export_tower(
     raise ConfigError(
       f"the parameters do not match tower config.{where}: missing {missing}, extra {extra}"
     )
-  tensors = {
-    name: np.ascontiguousarray(_to_hf(layout, np.asarray(jax.device_get(flat[ours]))))
-    for ours, (name, layout) in names.items()
-  }
+  tensors, thirds = {}, {}
+  for ours, (name, layout) in names.items():
+    value = _to_hf(layout, np.asarray(jax.device_get(flat[ours])))
+    split = _split3(layout)
+    if split:  # q, k and v go back into one fused tensor, in that order
+      thirds.setdefault(name, {})[split[0]] = value
+    else:
+      tensors[name] = np.ascontiguousarray(value)
+  for name, parts in thirds.items():
+    tensors[name] = np.ascontiguousarray(np.concatenate([parts[i] for i in range(3)], axis=0))
   directory = workdir_lib.as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   hf_config = {"model_type": family.model_types[0], **family.export_fields, **family.fixed_fields}
-  hf_config.update({theirs: tower[ours] for ours, theirs in family.config_fields.items()})
+  hf_config.update(
+    {theirs: _export_value(theirs, tower[ours]) for ours, theirs in family.config_fields.items()}
+  )
   hf_config.update(family.export_derived(tower))
   hf_config.update(extra_fields or {})
   workdir_lib.write_text(directory / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
