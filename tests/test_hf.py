@@ -480,3 +480,42 @@ def test_lit_tiny_trains_with_the_pretrained_text_tower_frozen(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(WorkdirError, match="already holds a checkpoint"):
     export.export(config, str(tmp_path), "text", str(tmp_path / "exported"))
+
+
+def test_sentencepiece_tokenizer_matches_the_reference_and_lays_out_like_llama():
+  ref = json.loads((FIXTURES / "spm_tokenizer_reference.json").read_text())
+  tok = tk.SentencePieceTokenizer(FIXTURES / "tiny_spm")  # finds tokenizer.model in the directory
+  assert (tok.cls_id, tok.eos_id) == (ref["bos_id"], ref["eos_id"])
+  assert ref["pad_id"] == -1 and tok.pad_id == tok.eos_id  # no pad piece: pad with the end piece
+  assert tok.mask_id == -1
+  max_len = 16
+  ids, mask = tok.encode_batch(ref["texts"], max_len)
+  for row, (text, pieces) in enumerate(zip(ref["texts"], ref["ids"], strict=True)):
+    assert tok.token_ids(text) == pieces, text
+    body = pieces[: max_len - 2]  # plain-loop layout: [BOS] pieces [EOS] [PAD]...
+    expected = [ref["bos_id"], *body, ref["eos_id"]]
+    expected += [tok.pad_id] * (max_len - len(expected))
+    assert ids[row].tolist() == expected, text
+    assert mask[row].tolist() == [1] * (len(body) + 2) + [0] * (max_len - len(body) - 2)
+  assert tok.decode(tok.encode("a red circle", max_len)[0]) == "a red circle"
+
+
+def test_layout_without_a_begin_token():
+  ids, mask = tk.layout([7, 8, 9], 4, None, 2, 0)
+  assert ids.tolist() == [7, 8, 9, 2] and mask.tolist() == [1, 1, 1, 1]
+  ids, mask = tk.layout([7, 8, 9, 10], 4, None, 2, 0)
+  assert ids.tolist() == [7, 8, 9, 2]
+  ids, mask = tk.layout([7], 4, None, 2, 0)
+  assert ids.tolist() == [7, 2, 0, 0] and mask.tolist() == [1, 1, 0, 0]
+
+
+def test_sentencepiece_tokenizer_from_config(tmp_path):
+  import ml_collections  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict(
+    dict(tokenizer="sentencepiece", tokenizer_path=str(FIXTURES / "tiny_spm" / "tokenizer.model"))
+  )
+  assert isinstance(tk.build_tokenizer(config), tk.SentencePieceTokenizer)
+  config.tokenizer_path = str(tmp_path)
+  with pytest.raises(PathError, match="no SentencePiece model"):
+    tk.build_tokenizer(config)

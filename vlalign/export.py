@@ -98,6 +98,7 @@ def export(config, workdir: str, tower: str, out: str, step: int | None = None):
   if tower == "text":  # The ids the tokenizer of the run uses (CLIP pools at eos_token_id).
     tok = setup.tokenizer
     extra = dict(bos_token_id=tok.cls_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    extra = {k: v for k, v in extra.items() if v is not None}
   hf.export_tower(sub_tree, tower_config, target, f"model.{tower}", extra)
   if tower == "text" and isinstance(setup.tokenizer, JsonTokenizer):
     for name in TOKENIZER_FILES:

@@ -3,9 +3,11 @@
 Every tokenizer lays out a text of `n` tokens in `L = max_len` slots as
 `[CLS] w1 ... wn [EOS] [PAD] ...`, with `[PAD] = 0`. Texts longer than `L - 2` tokens are cut so
 that `[CLS]` stays first and `[EOS]` last. The mask is 1 on `[CLS]`, the words and `[EOS]`, 0 on
-padding. `data.tokenizer` picks one: `shapes_words` (the embedded dataset's words) or
-`tokenizer_json` (a Hugging Face `tokenizer.json` at `data.tokenizer_path`: BERT WordPiece, CLIP
-BPE, ...), whose special ids come from the tokenizer, never from constants here.
+padding. A tokenizer without a begin token (`cls_id is None`: SigLIP's SentencePiece model) lays
+out `w1 ... wn [EOS] [PAD] ...` instead. `data.tokenizer` picks one: `shapes_words` (the embedded
+dataset's words), `tokenizer_json` (a Hugging Face `tokenizer.json` at `data.tokenizer_path`: BERT
+WordPiece, CLIP BPE, ...) or `sentencepiece` (a SentencePiece `.model` at `data.tokenizer_path`:
+Llama, SigLIP, T5), whose special ids come from the tokenizer, never from constants here.
 """
 
 import re
@@ -30,7 +32,7 @@ class Tokenizer(Protocol):
 
   vocab_size: int
   pad_id: int
-  cls_id: int
+  cls_id: int | None
   eos_id: int
   mask_id: int
   unk_id: int
@@ -53,14 +55,18 @@ def split_words(text: str) -> list[str]:
   return _WORD_RE.findall(text.lower())
 
 
-def layout(token_ids: Sequence[int], max_len: int, cls_id: int, eos_id: int, pad_id: int):
-  """`(ids [L] int32, mask [L] int32)`: `[CLS] t1 .. tk [EOS] [PAD]..` with `k <= L - 2`."""
-  if max_len < 2:
-    raise ConfigError(f"max_len={max_len} leaves no room for [CLS] and [EOS]; use max_len >= 2")
-  body = list(token_ids[: max_len - 2])
-  used = len(body) + 2
+def layout(
+  token_ids: Sequence[int], max_len: int, cls_id: int | None, eos_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(ids [L] int32, mask [L] int32)`: `[CLS] t1 .. tk [EOS] [PAD]..` with `k <= L - 2`
+  (without `cls_id`: `t1 .. tk [EOS] [PAD]..`, `k <= L - 1`)."""
+  begin = [] if cls_id is None else [cls_id]
+  if max_len < len(begin) + 1:
+    raise ConfigError(f"max_len={max_len} leaves no room for the special tokens; use max_len >= 2")
+  body = list(token_ids[: max_len - len(begin) - 1])
+  used = len(body) + len(begin) + 1
   ids = np.full((max_len,), pad_id, dtype=np.int32)
-  ids[:used] = [cls_id, *body, eos_id]
+  ids[:used] = [*begin, *body, eos_id]
   mask = np.zeros((max_len,), dtype=np.int32)
   mask[:used] = 1
   return ids, mask
@@ -212,19 +218,85 @@ class JsonTokenizer:
     return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
 
 
-TOKENIZERS = ("shapes_words", "tokenizer_json")
+class SentencePieceTokenizer:
+  """A SentencePiece model (`.model`: Llama, SigLIP, T5) behind the `Tokenizer` contract.
+
+  Special ids come from the model: `[CLS]` is its begin-of-sentence piece (None when it has none,
+  as SigLIP's: the layout then starts with the first word), `[EOS]` its end-of-sentence piece,
+  `[PAD]` its pad piece or, without one (Llama), the end piece; `mask_id` is the id of a `<mask>` /
+  `[MASK]` piece, or -1. Text normalisation is the model's own (no extra lower-casing or
+  punctuation removal: SigLIP's Hugging Face tokenizer also canonicalises the text first).
+
+  Args:
+    path: the `.model` file, or a directory holding `tokenizer.model` or `spiece.model`.
+  """
+
+  MODEL_FILES = ("tokenizer.model", "spiece.model")
+
+  def __init__(self, path: Any):
+    import sentencepiece  # noqa: PLC0415
+
+    from vlalign import workdir as workdir_lib  # noqa: PLC0415
+
+    path = workdir_lib.as_path(path)
+    files = [path / n for n in self.MODEL_FILES] if path.is_dir() else [path]
+    file = next((f for f in files if f.exists()), None)
+    if file is None:
+      raise PathError(f"data.tokenizer_path: no SentencePiece model ({self.MODEL_FILES}) at {path}")
+    self.path = file
+    self._sp = sentencepiece.SentencePieceProcessor(model_proto=file.read_bytes())
+    self.vocab_size = self._sp.get_piece_size()
+    if self._sp.eos_id() < 0:
+      raise ConfigError(f"{file}: the SentencePiece model has no end-of-sentence piece")
+    self.cls_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+    self.eos_id = self._sp.eos_id()
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.unk_id = self._sp.unk_id()
+    self.mask_id = next(
+      (self._sp.piece_to_id(p) for p in ("<mask>", "[MASK]") if self._is_piece(p)), -1
+    )
+
+  def _is_piece(self, piece: str) -> bool:
+    index = self._sp.piece_to_id(piece)
+    return index != self.unk_id and self._sp.id_to_piece(index) == piece
+
+  def token_ids(self, text: str) -> list[int]:
+    """Ids of the pieces of `text`, without special tokens."""
+    return self._sp.encode(text, out_type=int)
+
+  def encode(self, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [L] int32, mask [L] int32)`, `L = max_len` (see the module docstring)."""
+    return layout(self.token_ids(text), max_len, self.cls_id, self.eos_id, self.pad_id)
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [N, L] int32, mask [N, L] int32)`."""
+    ids = np.zeros((len(texts), max_len), dtype=np.int32)
+    mask = np.zeros((len(texts), max_len), dtype=np.int32)
+    for row, pieces in enumerate(self._sp.encode(list(texts), out_type=int)):
+      ids[row], mask[row] = layout(pieces, max_len, self.cls_id, self.eos_id, self.pad_id)
+    return ids, mask
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of `ids` without special tokens."""
+    special = {self.cls_id, self.eos_id, self.pad_id}
+    return self._sp.decode([i for i in np.asarray(ids).tolist() if i not in special])
+
+
+TOKENIZERS = ("shapes_words", "tokenizer_json", "sentencepiece")
 
 
 def build_tokenizer(data_config: Any) -> Tokenizer:
-  """The tokenizer named by `data_config.tokenizer` (default "shapes_words"); `tokenizer_json`
-  reads `data_config.tokenizer_path` (a location as in `vlalign.weights.hf.resolve_location`)."""
+  """The tokenizer named by `data_config.tokenizer` (default "shapes_words"); `tokenizer_json` and
+  `sentencepiece` read `data_config.tokenizer_path` (a location as in
+  `vlalign.weights.hf.resolve_location`)."""
   name = data_config.get("tokenizer", "shapes_words")
   if name == "shapes_words":
     return WordTokenizer(shapes.vocabulary())
-  if name == "tokenizer_json":
+  if name in ("tokenizer_json", "sentencepiece"):
     from vlalign.weights import hf  # noqa: PLC0415
 
     if not data_config.get("tokenizer_path"):
-      raise ConfigError("data.tokenizer='tokenizer_json' needs data.tokenizer_path")
-    return JsonTokenizer(hf.resolve_location(data_config.tokenizer_path, "data.tokenizer_path"))
+      raise ConfigError(f"data.tokenizer={name!r} needs data.tokenizer_path")
+    path = hf.resolve_location(data_config.tokenizer_path, "data.tokenizer_path")
+    return JsonTokenizer(path) if name == "tokenizer_json" else SentencePieceTokenizer(path)
   raise ConfigError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)}")

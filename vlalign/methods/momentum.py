@@ -166,7 +166,8 @@ class MomentumDistillation(Method):
         "config.losses.mlm needs a tokenizer with a mask token; the tokenizer has none "
         "(drop the mlm loss or use a tokenizer with [MASK])"
       )
-    want = {"mask_id": tok.mask_id, "special_ids": (tok.cls_id, tok.pad_id)}
+    special = tuple(i for i in (tok.cls_id, tok.pad_id) if i is not None)
+    want = {"mask_id": tok.mask_id, "special_ids": special}
     for key, value in want.items():
       given = mlm.get(key)
       if given is not None and (tuple(given) if isinstance(value, tuple) else given) != value:
