@@ -519,3 +519,54 @@ def test_sentencepiece_tokenizer_from_config(tmp_path):
   config.tokenizer_path = str(tmp_path)
   with pytest.raises(PathError, match="no SentencePiece model"):
     tk.build_tokenizer(config)
+
+
+def test_lower_bert_layers_as_a_shallower_text_encoder():
+  ref = np.load(TINY / "reference.npz")
+  tower = {**TINY_TOWER, "depth": 1, "pool": "first"}
+  params = hf.load_tower(TINY, tower, _abstract(tower), layers=(0, 1))
+  out = _bert(tower).apply({"params": params}, ref["ids"], ref["mask"])
+  np.testing.assert_allclose(out["tokens"], ref["hidden_states"][1], atol=1e-5, rtol=0)
+  with pytest.raises(ConfigError, match="depth=1 but num_hidden_layers=2"):
+    hf.load_tower(TINY, tower, _abstract(tower))  # all layers into one block: refused
+  with pytest.raises(ConfigError, match="layers 1:3 are not within its 2 layers"):
+    hf.load_tower(TINY, tower, _abstract(tower), layers=(1, 3))
+
+
+def test_albef_minilm_starts_from_minilm_with_fresh_cross_attention():
+  """Text encoder = MiniLM layers 0-2, fusion = layers 3-5 (self-attention, MLP, LayerNorms) plus
+  cross-attention at its random initialisation, as ALBEF builds its fusion encoder from BERT."""
+  from configs import albef_minilm  # noqa: PLC0415
+
+  config = albef_minilm.with_minilm(albef_minilm.get_config("tiny"))  # 3 + 3 layers
+  setup = trainer.build(config)
+  params = jax.device_get(trainer.fresh_state(setup, jax.random.PRNGKey(0)).params)["params"]
+  fresh = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))["params"]
+  stored = load_file(str(_minilm_dir() / "model.safetensors"))
+  text, fusion = params["text_encoder"], params["fusion"]
+  for i in range(3):
+    layer = f"encoder.layer.{i}"
+    np.testing.assert_array_equal(
+      text[f"block_{i}"]["mlp"]["fc1"]["kernel"], stored[f"{layer}.intermediate.dense.weight"].T
+    )
+    layer = f"encoder.layer.{3 + i}"
+    block = fusion[f"block_{i}"]
+    np.testing.assert_array_equal(
+      block["self_attn"]["query"]["kernel"].reshape(384, 384),
+      stored[f"{layer}.attention.self.query.weight"].T,
+    )
+    np.testing.assert_array_equal(
+      block["ln_self"]["scale"], stored[f"{layer}.attention.output.LayerNorm.weight"]
+    )
+    np.testing.assert_array_equal(block["mlp"]["fc2"]["bias"], stored[f"{layer}.output.dense.bias"])
+    np.testing.assert_array_equal(block["ln_mlp"]["bias"], stored[f"{layer}.output.LayerNorm.bias"])
+    for name in ("cross_attn", "ln_cross"):
+      for a, b in zip(
+        jax.tree.leaves(block[name]),
+        jax.tree.leaves(fresh["fusion"][f"block_{i}"][name]),
+        strict=True,
+      ):
+        np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(
+    text["token_embed"]["embedding"], stored["embeddings.word_embeddings.weight"]
+  )

@@ -4,8 +4,10 @@ Behaviour follows salesforce/ALBEF `models/xbert.py` (BERT-base with `fusion_lay
 text only, layers 6-11 add cross-attention to the image tokens, keys/values projected from the image
 width) and `models/model_pretrain.py` (ITM = Linear(width, 2) on the fused CLS; MLM = BERT
 prediction head: Dense + GELU + LayerNorm, then a decoder to the vocabulary tied to the word
-embeddings, plus a per-word bias). Differences: our blocks are pre-LN (as our text tower) and the
-encoder ends with a LayerNorm; all image tokens (CLS included) are valid keys unless a mask says
+embeddings, plus a per-word bias). Two styles: `pre_ln` (our default: pre-LN blocks, as our text
+tower, and a final LayerNorm) and `post_ln` (BERT's layers with cross-attention added, as ALBEF
+builds them, with no final LayerNorm: the style whose self-attention and MLP load from a BERT
+checkpoint's upper layers). All image tokens (CLS included) are valid keys unless a mask says
 otherwise.
 """
 
@@ -13,14 +15,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
+
+STYLES = ("pre_ln", "post_ln")
 
 
 class CrossAttentionBlock(nn.Module):
-  """Pre-LN fusion block, each sub-layer with dropout and a residual; `[B, L, D] -> [B, L, D]`.
+  """Fusion block, each sub-layer with dropout and a residual; `[B, L, D] -> [B, L, D]`.
 
-  `x + Drop(SelfAttn(LN(x)))`, then `x + Drop(CrossAttn(LN(x), image))`, then
-  `x + Drop(Mlp(LN(x)))`.
+  `pre_ln`: `x + Drop(SelfAttn(LN(x)))`, then `x + Drop(CrossAttn(LN(x), image))`, then
+  `x + Drop(Mlp(LN(x)))`. `post_ln` (BERT, ALBEF's `BertLayer` with cross-attention):
+  `LN(x + Drop(SelfAttn(x)))`, then `LN(x + Drop(CrossAttn(x, image)))`, then
+  `LN(x + Drop(Mlp(x)))`.
   The cross-attention maps the image tokens' width Di to D in its key/value projections.
   """
 
@@ -29,6 +36,8 @@ class CrossAttentionBlock(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  style: str = "pre_ln"
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(
@@ -41,22 +50,31 @@ class CrossAttentionBlock(nn.Module):
   ) -> jax.Array:
     """x `[B, L, D]`; image_tokens `[B, T, Di]`; masks boolean, `[B, 1, 1 or L, L or T]`."""
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
-    layer_norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name)
+    layer_norm = lambda name: nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+    )
     attn = lambda name: attention(self.num_heads, self.attention_dropout, self.dtype, train, name)
+    image = image_tokens.astype(self.dtype)
+    if self.style == "post_ln":
+      x = layer_norm("ln_self")(x + drop(attn("self_attn")(x, mask=self_mask)))
+      x = layer_norm("ln_cross")(x + drop(attn("cross_attn")(x, image, mask=cross_mask)))
+      y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
+      return layer_norm("ln_mlp")(x + drop(y))
     y = layer_norm("ln_self")(x)
     x = x + drop(attn("self_attn")(y, mask=self_mask))
     y = layer_norm("ln_cross")(x)
-    x = x + drop(attn("cross_attn")(y, image_tokens.astype(self.dtype), mask=cross_mask))
+    x = x + drop(attn("cross_attn")(y, image, mask=cross_mask))
     y = layer_norm("ln_mlp")(x)
     return x + drop(MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train))
 
 
 class FusionEncoder(nn.Module):
-  """`depth` `CrossAttentionBlock`s and a final LayerNorm.
+  """`depth` `CrossAttentionBlock`s, then (`pre_ln` only) a final LayerNorm.
 
   Attributes:
     depth: number of fusion blocks.
-    num_heads, mlp_dim, dropout, attention_dropout, dtype: as in `CrossAttentionBlock`.
+    num_heads, mlp_dim, dropout, attention_dropout, dtype, style, layer_norm_eps: as in
+      `CrossAttentionBlock`.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
   """
 
@@ -67,6 +85,8 @@ class FusionEncoder(nn.Module):
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  style: str = "pre_ln"
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(
@@ -89,6 +109,8 @@ class FusionEncoder(nn.Module):
     Returns:
       `[B, L, D]` fused tokens after the final LayerNorm.
     """
+    if self.style not in STYLES:
+      raise ConfigError(f"unknown fusion style {self.style!r}; choose one of {STYLES}")
     self_mask = key_padding_mask(text_mask)
     cross_mask = None if image_mask is None else key_padding_mask(image_mask)
     # static_argnums counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
@@ -103,10 +125,16 @@ class FusionEncoder(nn.Module):
         dropout=self.dropout,
         attention_dropout=self.attention_dropout,
         dtype=self.dtype,
+        style=self.style,
+        layer_norm_eps=self.layer_norm_eps,
         name=f"block_{i}",
       )
       x = block(x, image_tokens, self_mask, cross_mask, train)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final")(x)
+    if self.style == "post_ln":
+      return x
+    return nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
+    )(x)
 
 
 class ITMHead(nn.Module):

@@ -16,8 +16,10 @@ Model config fields (see configs/common.py):
   codebook_size: K > 0 adds a codebook of K learnable centres in the joint space (output
                  `codebook` `[K, E]`, unit rows; CODIS); 0 or absent: none
   remat: recompute block activations in the backward pass
-  albef only: fusion_depth (number of fusion blocks; heads, mlp_dim and dropout from `text`),
-              tie_mlm (default True: the MLM decoder reuses the text token embedding table)
+  albef only: fusion_depth (number of fusion blocks; heads, mlp_dim, dropout and layer_norm_eps
+              from `text`), fusion_style ("pre_ln" default, "post_ln": BERT layers with
+              cross-attention, for a `bert` text tower), tie_mlm (default True: the MLM decoder
+              reuses the text token embedding table)
 """
 
 from typing import Any
@@ -135,9 +137,11 @@ class ALBEFModel(TwoTower):
       num_heads=text.num_heads,
       mlp_dim=text.mlp_dim,
       dropout=text.get("dropout", 0.0),
-      attention_dropout=text.get("dropout", 0.0),
+      attention_dropout=text.get("attention_dropout", text.get("dropout", 0.0)),
       dtype=dtype,
       remat=bool(c.get("remat", False)),
+      style=c.get("fusion_style", "pre_ln"),
+      layer_norm_eps=text.get("layer_norm_eps", 1e-6),
     )
     self.itm_head = ITMHead(dtype=dtype)
     self.mlm_head = MLMHead(text.vocab_size, dtype=dtype)

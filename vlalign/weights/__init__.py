@@ -141,5 +141,11 @@ def apply_init(
     target = split_path(entry.pop("target"), f"init.{name}.target")
     loader = LOADERS.get(entry.pop("loader"))
     abstract = get_subtree(abstract_params, target, f"init.{name}.target")
-    params = replace_subtree(params, target, loader(entry, target, abstract, model_config))
+    loaded = loader(entry, target, abstract, model_config)
+    current = get_subtree(params, target, f"init.{name}.target")
+    # A loader leaves None where it has no value (a parameter the source lacks): keep the fresh one.
+    loaded = jax.tree.map(
+      lambda new, old: old if new is None else new, loaded, current, is_leaf=lambda x: x is None
+    )
+    params = replace_subtree(params, target, loaded)
   return params

@@ -61,6 +61,11 @@ DEFAULT_TOWER = {"text_encoder": "text", "image_encoder": "image"}
 # kernels `[D, H, Dh]` with biases `[H, Dh]`, the output kernel `[H, Dh, D]`.
 
 
+# A layout that ends in "?" marks a tensor the checkpoint may lack: the parameter then keeps its
+# fresh initialisation (ALBEF's cross-attention, which BERT checkpoints do not have).
+OPTIONAL = "?"
+
+
 def _split3(layout: str) -> tuple[int, str] | None:
   """`split3:<i>:<inner>` (the i-th third of a fused q/k/v tensor, then `inner`) -> `(i, inner)`."""
   if not layout.startswith("split3:"):
@@ -70,6 +75,7 @@ def _split3(layout: str) -> tuple[int, str] | None:
 
 
 def _to_flax(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  layout = layout.rstrip(OPTIONAL)
   split = _split3(layout)
   if split:
     rows = array.shape[0] // 3
@@ -92,6 +98,7 @@ def _to_flax(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _to_hf(layout: str, array: np.ndarray) -> np.ndarray:
+  layout = layout.rstrip(OPTIONAL)
   if layout == "copy":
     return array
   if layout == "linear":
@@ -135,7 +142,7 @@ def _export_value(theirs: str, value: Any) -> Any:
 
 def _same_shape_layout(layout: str) -> bool:
   """Layouts whose stored tensor has as many dimensions as our parameter."""
-  return layout in ("copy", "linear", "conv")
+  return layout.rstrip(OPTIONAL) in ("copy", "linear", "conv")
 
 
 Names = dict[str, tuple[str, str]]  # our parameter path -> (stored name, layout)
@@ -164,6 +171,8 @@ class Family:
     derived: `config.json` (the tower's part) -> tower field values it implies beyond
       `config_fields` (DINOv2's `mlp_dim = hidden_size * mlp_ratio`), compared on import.
     export_derived: the tower config -> the `config.json` fields `derived` reads, for export.
+    layer_pattern: a regular expression whose group 1 is the layer index in a stored name (for
+      loading a slice of the layers, `layers=(start, stop)`).
   """
 
   name: str
@@ -179,6 +188,7 @@ class Family:
   export_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
   derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf_config: {}
   export_derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda tower: {}
+  layer_pattern: str = r"encoder\.layers?\.(\d+)\."
 
 
 def _add_linear(names: Names, ours: str, hf: str, layout: str = "linear", bias: str = "copy"):
@@ -245,6 +255,42 @@ def _bert_tensors(tower: dict[str, Any]) -> Names:
     _add_block(names, f"block_{i}", f"encoder.layer.{i}", BERT_BLOCK)
   if tower.get("pool") == "pooler":
     _add_linear(names, "pooler", "pooler.dense")
+  return names
+
+
+def _bert_fusion_tensors(tower: dict[str, Any]) -> Names:
+  """Our `post_ln` fusion encoder -> BERT layers (ALBEF's `BertLayer` with `crossattention`)."""
+  names: Names = {}
+  for i in range(int(tower["depth"])):
+    ours, hf = f"block_{i}", f"encoder.layer.{i}"
+    for proj in ("query", "key", "value"):
+      _add_linear(
+        names, f"{ours}/self_attn/{proj}", f"{hf}.attention.self.{proj}", "heads_in", "heads_in"
+      )
+      _add_linear(
+        names,
+        f"{ours}/cross_attn/{proj}",
+        f"{hf}.crossattention.self.{proj}",
+        "heads_in" + OPTIONAL,
+        "heads_in" + OPTIONAL,
+      )
+    _add_linear(names, f"{ours}/self_attn/out", f"{hf}.attention.output.dense", "heads_out")
+    _add_linear(
+      names,
+      f"{ours}/cross_attn/out",
+      f"{hf}.crossattention.output.dense",
+      "heads_out" + OPTIONAL,
+      "copy" + OPTIONAL,
+    )
+    _add_norm(names, f"{ours}/ln_self", f"{hf}.attention.output.LayerNorm")
+    for key in ("scale", "bias"):
+      name, layout = names.pop(f"{ours}/ln_self/{key}")
+      names[f"{ours}/ln_self/{key}"] = (name, layout)
+      cross = name.replace(".attention.output.", ".crossattention.output.")
+      names[f"{ours}/ln_cross/{key}"] = (cross, "copy" + OPTIONAL)
+    _add_linear(names, f"{ours}/mlp/fc1", f"{hf}.intermediate.dense")
+    _add_linear(names, f"{ours}/mlp/fc2", f"{hf}.output.dense")
+    _add_norm(names, f"{ours}/ln_mlp", f"{hf}.output.LayerNorm")
   return names
 
 
@@ -402,6 +448,21 @@ FAMILIES: tuple[Family, ...] = (
     export_fields=dict(architectures=["BertModel"], pad_token_id=0),
   ),
   Family(
+    name="bert_fusion",
+    tower_kind="bert_fusion",
+    model_types=("bert",),
+    config_fields=dict(_TRANSFORMER_FIELDS),
+    fixed_fields=dict(hidden_act="gelu", position_embedding_type="absolute"),
+    tensors=_bert_fusion_tensors,
+    prefixes=("", "bert."),
+    ignored=(
+      r"(bert\.)?pooler\..*",
+      r"cls\..*",
+      _BUFFERS,
+      r"(bert\.)?embeddings\..*",
+    ),
+  ),
+  Family(
     name="vit",
     tower_kind="vit",
     model_types=("vit",),
@@ -503,6 +564,7 @@ FAMILIES: tuple[Family, ...] = (
     tensors=_llama_tensors,
     prefixes=("", "model."),
     ignored=(r"lm_head\..*", r".*rotary_emb\.inv_freq"),
+    layer_pattern=r"layers\.(\d+)\.",
     export_fields=dict(architectures=["LlamaModel"]),
     derived=_llama_derived,
     export_derived=lambda tower: dict(
@@ -660,6 +722,8 @@ def with_defaults(tower: dict[str, Any]) -> dict[str, Any]:
   """`tower` (a tower config with `kind`) completed with the tower class's default field values."""
   from vlalign.models import TOWERS  # noqa: PLC0415
 
+  if tower["kind"] not in TOWERS.names():  # e.g. the fusion encoder, which is no tower
+    return dict(tower)
   cls = TOWERS.get(tower["kind"])
   defaults = {
     f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
@@ -733,40 +797,77 @@ def check_architecture(
     raise ConfigError(f"{source}/{CONFIG_FILE} does not match the tower: " + "; ".join(problems))
 
 
+def _layer_index(family: Family, name: str) -> int | None:
+  import re  # noqa: PLC0415
+
+  match = re.search(family.layer_pattern, name)
+  return int(match.group(1)) if match else None
+
+
+def _shift_layers(family: Family, name: str, offset: int) -> str:
+  """`name` with its layer index moved by `offset` (`encoder.layer.0.` -> `encoder.layer.3.`)."""
+  import re  # noqa: PLC0415
+
+  if not offset:
+    return name
+  match = re.search(family.layer_pattern, name)
+  if not match:
+    return name
+  return name[: match.start(1)] + str(int(match.group(1)) + offset) + name[match.end(1) :]
+
+
 def match_tensors(
   family: Family,
   tower: dict[str, Any],
   stored: dict[str, tuple[int, ...]],
   targets: dict[str, tuple[int, ...]],
   source: str,
+  layers: tuple[int, int] | None = None,
 ) -> dict[str, tuple[str, str]]:
   """Our parameter path -> (stored name with its prefix, layout), after checking that every
-  target has a stored tensor of the right size and that nothing stored goes unused."""
+  target has a stored tensor of the right size (optional ones may be absent) and that nothing
+  stored goes unused. With `layers=(start, stop)`, our block i reads stored layer start + i and the
+  stored layers outside the slice are left alone."""
   import re  # noqa: PLC0415
 
+  start = layers[0] if layers else 0
   names = family.tensors(tower)
   first = next(iter(names.values()))[0]
-  prefix = next((p for p in family.prefixes if p + first in stored), "")
-  names = {ours: (prefix + name, layout) for ours, (name, layout) in names.items()}
+  prefix = next(
+    (p for p in family.prefixes if p + _shift_layers(family, first, start) in stored), ""
+  )
+  names = {
+    ours: (prefix + _shift_layers(family, name, start), layout)
+    for ours, (name, layout) in names.items()
+  }
   problems = []
   unmapped = sorted(set(targets) - set(names))
   if unmapped:
     problems.append(f"tower parameters without a stored name: {unmapped}")
-  missing = sorted(name for ours, (name, _) in names.items() if name not in stored)
+  missing = sorted(
+    name for name, layout in names.values() if name not in stored and not layout.endswith(OPTIONAL)
+  )
   if missing:
     problems.append(f"missing tensors: {missing}")
   for ours, (name, layout) in names.items():
     if name in stored and ours in targets:
       want = targets[ours]
-      parts = 3 if _split3(layout) else 1
+      parts = 3 if _split3(layout.rstrip(OPTIONAL)) else 1
       if int(np.prod(stored[name])) != parts * int(np.prod(want)) or (
         _same_shape_layout(layout) and len(stored[name]) != len(want)
       ):
         problems.append(f"tensor {name} has shape {stored[name]}, the tower needs {want} ({ours})")
   used = {name for name, _ in names.values()}
   ignored = [re.compile(p) for p in family.ignored]
+
+  def outside_slice(name: str) -> bool:
+    index = _layer_index(family, name)
+    return layers is not None and index is not None and not start <= index < layers[1]
+
   unexpected = sorted(
-    n for n in stored if n not in used and not any(p.fullmatch(n) for p in ignored)
+    n
+    for n in stored
+    if n not in used and not outside_slice(n) and not any(p.fullmatch(n) for p in ignored)
   )
   if unexpected:
     problems.append(f"unexpected tensors: {unexpected}")
@@ -776,14 +877,29 @@ def match_tensors(
 
 
 def load_tower(
-  directory: Any, tower: dict[str, Any], abstract: Any, where: str = "model.text"
+  directory: Any,
+  tower: dict[str, Any],
+  abstract: Any,
+  where: str = "model.text",
+  layers: tuple[int, int] | None = None,
 ) -> Any:
   """The parameter sub-tree `abstract` (ShapeDtypeStructs with shardings, or shapes) of a tower
-  configured by `tower`, read from the Hugging Face checkpoint in `directory`."""
+  configured by `tower`, read from the Hugging Face checkpoint in `directory`.
+
+  `layers=(start, stop)` loads the stored layers start..stop-1 into the tower's `stop - start`
+  blocks (BERT's lower layers as ALBEF's text encoder, its upper ones as the fusion encoder).
+  Parameters whose optional tensor the checkpoint lacks come back as None (keep their fresh
+  values)."""
   tower = with_defaults(tower)
   source = str(directory)
   hf_config = read_hf_config(directory)
   family = family_for_import(tower, hf_config, where)
+  if layers is not None:
+    depth_field = tower_config_of(family, hf_config).get("num_hidden_layers")
+    start, stop = layers
+    if not 0 <= start < stop <= (depth_field or stop):
+      raise ConfigError(f"{source}: layers {start}:{stop} are not within its {depth_field} layers")
+    hf_config = {**hf_config, "num_hidden_layers": stop - start}
   check_architecture(family, tower, hf_config, where, source)
   files = weight_files(directory)
   flat = {
@@ -791,10 +907,12 @@ def load_tower(
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
   }
   targets = {name: tuple(leaf.shape) for name, leaf in flat.items()}
-  names = match_tensors(family, tower, tensor_shapes(files), targets, source)
+  names = match_tensors(family, tower, tensor_shapes(files), targets, source, layers)
 
   def load(path, leaf):
     name, layout = names[pytrees.path_name(path)]
+    if name not in files:  # an optional tensor the checkpoint lacks
+      return None
     value = _to_flax(layout, read_tensor(files[name], name), tuple(leaf.shape))
     value = np.ascontiguousarray(value.astype(leaf.dtype))
     sharding = getattr(leaf, "sharding", None)
@@ -810,23 +928,63 @@ def load_from_hf(
   entry: dict[str, Any], target: tuple[str, ...], abstract: Any, model_config: Any = None
 ) -> Any:
   """The sub-tree `target` from the Hugging Face checkpoint at `entry["path"]`."""
-  unknown = set(entry) - {"path", "tower"}
+  unknown = set(entry) - {"path", "tower", "layers"}
   if unknown or "path" not in entry:
-    raise ConfigError(f"init loader 'hf' takes path and tower; got {sorted(entry)}")
+    raise ConfigError(f"init loader 'hf' takes path, tower and layers; got {sorted(entry)}")
   tower_name = entry.get("tower") or DEFAULT_TOWER.get("/".join(target))
-  if tower_name is None or model_config is None or tower_name not in model_config:
+  if tower_name == "fusion":
+    tower = fusion_tower(model_config)
+  elif tower_name is None or model_config is None or tower_name not in model_config:
     raise ConfigError(
       f"config.init entry for {'/'.join(target)!r} needs tower=<the config.model field of its "
-      "tower> (e.g. 'text')"
+      "tower> (e.g. 'text'), or 'fusion'"
     )
-  tower = model_config[tower_name]
-  tower = dict(tower.to_dict() if hasattr(tower, "to_dict") else tower)
+  else:
+    tower = model_config[tower_name]
+    tower = dict(tower.to_dict() if hasattr(tower, "to_dict") else tower)
   directory = resolve_location(entry["path"], "init.path")
-  values = load_tower(directory, tower, abstract, f"model.{tower_name}")
+  layers = parse_layers(entry.get("layers"))
+  values = load_tower(directory, tower, abstract, f"model.{tower_name}", layers)
+  fresh = [pytrees.path_name(p) for p, v in _leaves_with_none(values) if v is None]
   logging.info(
-    "init: params/%s (%.2fM parameters) from %s", "/".join(target), count(values) / 1e6, directory
+    "init: params/%s (%.2fM parameters) from %s%s%s",
+    "/".join(target),
+    count([v for _, v in _leaves_with_none(values) if v is not None]) / 1e6,
+    directory,
+    f" layers {layers[0]}:{layers[1]}" if layers else "",
+    f"; not in the checkpoint, left as initialised: {fresh}" if fresh else "",
   )
   return values
+
+
+def _leaves_with_none(tree: Any) -> list[tuple[Any, Any]]:
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+
+
+def parse_layers(layers: Any) -> tuple[int, int] | None:
+  """`"3:6"` or `(3, 6)` -> `(3, 6)`; None -> None."""
+  if layers is None:
+    return None
+  try:
+    start, stop = str(layers).split(":") if isinstance(layers, str) else layers
+    return int(start), int(stop)
+  except (TypeError, ValueError):
+    raise ConfigError(f"config.init layers must be 'start:stop', got {layers!r}") from None
+
+
+def fusion_tower(model_config: Any) -> dict[str, Any]:
+  """The `bert_fusion` description of an `albef` model's `post_ln` fusion encoder."""
+  if model_config is None or model_config.get("fusion_style") != "post_ln":
+    raise ConfigError("config.init tower='fusion' needs model.fusion_style='post_ln' (BERT layers)")
+  text = model_config.text
+  return dict(
+    kind="bert_fusion",
+    depth=int(model_config.fusion_depth),
+    width=text.width,
+    num_heads=text.num_heads,
+    mlp_dim=text.mlp_dim,
+    layer_norm_eps=text.get("layer_norm_eps", 1e-12),
+  )
 
 
 # --- Export. ---
