@@ -32,6 +32,45 @@ DEMO_AUGMENT = dict(
 )
 
 
+# The weights ALBEF and TCL start from (Hugging Face layouts; fetched into the Hugging Face cache
+# when online, or give a local directory holding config.json + model.safetensors).
+DEIT_B16 = "hf:facebook/deit-base-patch16-224"
+BERT_BASE = "hf:bert-base-uncased"
+
+
+def published_init(c: ml_collections.ConfigDict) -> None:
+  """DeiT-B/16 (ImageNet, 224 px; its position grid interpolated bicubically to 256 px as ALBEF's
+  `interpolate_pos_embed` does) and `bert-base-uncased` with its WordPiece tokenizer: layers 0-5
+  the text encoder, layers 6-11 (post-LN, cross-attention added, fresh) the fusion encoder."""
+  c.data.tokenizer = "tokenizer_json"
+  c.data.tokenizer_path = BERT_BASE
+  c.model.image = common.image_tower(
+    "B",
+    image_size=256,
+    patch_size=16,
+    cls_pos_embed=True,
+    layer_norm_eps=1e-12,
+    pos_interpolation="bicubic",
+  )
+  c.model.text = dict(
+    kind="bert",
+    vocab_size=30_522,
+    max_len=512,
+    layer_norm_eps=1e-12,
+    pool="first",
+    dropout=0.1,
+    attention_dropout=0.1,
+    **{**common.SIZES["B"], "depth": 6},
+  )
+  c.model.fusion_depth = 6
+  c.model.fusion_style = "post_ln"
+  c.init = dict(
+    image=dict(loader="hf", target="image_encoder", path=DEIT_B16),
+    text=dict(loader="hf", target="text_encoder", path=BERT_BASE, layers="0:6"),
+    fusion=dict(loader="hf", target="fusion", tower="fusion", path=BERT_BASE, layers="6:12"),
+  )
+
+
 def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
   """Model, teacher, MLM, data and recipe shared by ALBEF and TCL; losses are ALBEF's."""
   c = common.base_config(variant)
@@ -122,9 +161,7 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     # The embedded dataset at 256 px stands in until a web-scale source is configured.
     c.data = common.shapes_data(image_size=256, max_len=30)
     c.data.augment = dict(name=method)
-    c.model.image = common.image_tower("B", image_size=256, patch_size=16)
-    c.model.text = common.text_tower("B", vocab_size=30_522, max_len=30, depth=6, dropout=0.1)
-    c.model.fusion_depth = 6
+    published_init(c)
     c.evals = common.retrieval_and_zeroshot_evals(every_steps=10_000)
     c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=128, every_steps=0)
   return c

@@ -27,7 +27,9 @@ def with_minilm(
   c.model.fusion_depth = fusion_layers
   c.model.fusion_style = "post_ln"
   fusion = f"{text_layers}:{text_layers + fusion_layers}"
+  init = c.init.to_dict() if hasattr(c.init, "to_dict") else dict(c.init)  # keeps an image entry
   c.init = dict(
+    init,
     text=dict(loader="hf", target="text_encoder", path=lit.MINILM, layers=f"0:{text_layers}"),
     fusion=dict(loader="hf", target="fusion", tower="fusion", path=lit.MINILM, layers=fusion),
   )

@@ -570,3 +570,21 @@ def test_albef_minilm_starts_from_minilm_with_fresh_cross_attention():
   np.testing.assert_array_equal(
     text["token_embed"]["embedding"], stored["embeddings.word_embeddings.weight"]
   )
+
+
+@pytest.mark.parametrize(
+  "directory,tower",
+  [("tiny_vit", TINY_VIT), ("tiny_clip", CLIP_VISION), ("tiny_siglip", SIGLIP_VISION)],
+)
+def test_position_grid_resized_for_another_image_size(directory, tower):
+  """A 32 px checkpoint (4x4 grid) loads into a 48 px tower (6x6): the grid is interpolated as the
+  tower would interpolate it at run time, the CLS position is kept."""
+  bigger = {**tower, "image_size": 48}
+  images = np.zeros((1, 48, 48, 3), np.float32)
+  params = hf.load_tower(FIXTURES / directory, bigger, _tower_abstract(bigger, images))
+  native = hf.load_tower(FIXTURES / directory, tower, _tower_abstract(tower, images[:, :32, :32]))
+  a = np.asarray(_tower_apply(bigger, params, images)["cls"])
+  b = np.asarray(_tower_apply(tower, native, images)["cls"])  # resized at run time instead
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  if tower.get("cls_pos_embed"):
+    np.testing.assert_array_equal(params["pos_embedding"][0], native["pos_embedding"][0])

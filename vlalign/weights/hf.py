@@ -770,6 +770,32 @@ def tower_config_of(family: Family, hf_config: dict[str, Any]) -> dict[str, Any]
   return {"model_type": hf_config.get("model_type"), **hf_config.get(key, {})} if key else hf_config
 
 
+RESIZED_FIELDS = ("image_size",)
+POSITIONS = "pos_embedding"
+
+
+def _fit_positions(value: np.ndarray, shape: tuple[int, ...], tower: dict[str, Any]) -> np.ndarray:
+  """A stored position table (`[1+N, D]` with the CLS first, or `[N, D]`, or already a grid)
+  resized to our `shape` (`[1+n, D]` or `[g, g, D]`) with the tower's `pos_interpolation`, as ALBEF
+  and timm interpolate a 224 px checkpoint's grid for 256 px images."""
+  from vlalign.models.vit import resize_position_embedding  # noqa: PLC0415
+
+  table = value.reshape(-1, value.shape[-1])
+  has_cls = len(shape) == 2
+  head, grid = (table[:1], table[1:]) if has_cls else (table[:0], table)
+  side = int(round(np.sqrt(grid.shape[0])))
+  target = int(round(np.sqrt(shape[0] - 1))) if has_cls else shape[0]
+  if side * side != grid.shape[0]:
+    raise ConfigError(f"a position table of {grid.shape[0]} patches is not a square grid")
+  method = tower.get("pos_interpolation", "bilinear")
+  resized = np.asarray(
+    resize_position_embedding(grid.reshape(side, side, -1), target, target, method)
+  )
+  if not has_cls:
+    return resized.astype(value.dtype)
+  return np.concatenate([head, resized.reshape(-1, resized.shape[-1])]).astype(value.dtype)
+
+
 def check_architecture(
   family: Family, tower: dict[str, Any], hf_config: dict[str, Any], where: str, source: str
 ) -> None:
@@ -780,6 +806,8 @@ def check_architecture(
       problems.append(f"config.{where}.{ours} must be {value!r} for a {family.name} checkpoint")
   hf_config = tower_config_of(family, hf_config)
   for ours, theirs in family.config_fields.items():
+    if ours in RESIZED_FIELDS and tower.get("kind") == "vit":
+      continue  # another image size: the position grid is resized on import (`_fit_positions`)
     if (
       theirs in hf_config and ours in tower and tower[ours] != _hf_value(theirs, hf_config[theirs])
     ):
@@ -795,6 +823,15 @@ def check_architecture(
       problems.append(f"{theirs}={hf_config[theirs]!r}: only {value!r} is implemented")
   if problems:
     raise ConfigError(f"{source}/{CONFIG_FILE} does not match the tower: " + "; ".join(problems))
+
+
+def _resizable(tower: dict[str, Any], ours: str) -> bool:
+  """Only an image tower's position grid adapts to another image size."""
+  return tower.get("kind") == "vit" and ours == POSITIONS
+
+
+def _stored_size(array: np.ndarray, layout: str) -> int:
+  return array.size // (3 if _split3(layout.rstrip(OPTIONAL)) else 1)
 
 
 def _layer_index(family: Family, name: str) -> int | None:
@@ -850,7 +887,7 @@ def match_tensors(
   if missing:
     problems.append(f"missing tensors: {missing}")
   for ours, (name, layout) in names.items():
-    if name in stored and ours in targets:
+    if name in stored and ours in targets and not _resizable(tower, ours):
       want = targets[ours]
       parts = 3 if _split3(layout.rstrip(OPTIONAL)) else 1
       if int(np.prod(stored[name])) != parts * int(np.prod(want)) or (
@@ -913,7 +950,13 @@ def load_tower(
     name, layout = names[pytrees.path_name(path)]
     if name not in files:  # an optional tensor the checkpoint lacks
       return None
-    value = _to_flax(layout, read_tensor(files[name], name), tuple(leaf.shape))
+    stored = read_tensor(files[name], name)
+    resizable = _resizable(tower, pytrees.path_name(path))
+    if resizable and _stored_size(stored, layout) != leaf.size:
+      value = _fit_positions(stored, tuple(leaf.shape), tower)
+      logging.info("init: %s resized from %s to %s", name, stored.shape, tuple(leaf.shape))
+    else:
+      value = _to_flax(layout, stored, tuple(leaf.shape))
     value = np.ascontiguousarray(value.astype(leaf.dtype))
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
