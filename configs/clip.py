@@ -1,7 +1,8 @@
 """CLIP: two towers trained with symmetric InfoNCE and a learnable temperature.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
-`--config=configs/clip.py:tiny|demo|full`.
+`--config=configs/clip.py:tiny|demo|full|finetune`; `finetune` starts both towers, the
+projections and the temperature from the released ViT-B/16 (`openai/clip-vit-base-patch16`).
 """
 
 import math
@@ -10,8 +11,47 @@ import ml_collections
 
 from configs import common
 
+OPENAI_B16 = "hf:openai/clip-vit-base-patch16"
+
+
+def finetune_from(c: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """`c` (a two-tower config) starting from a whole Hugging Face CLIP checkpoint at `path`: both
+  towers in CLIP's layout, the projections and the temperature, and its BPE tokenizer."""
+  c.data.tokenizer = "tokenizer_json"
+  c.data.tokenizer_path = path
+  c.model.image.update(cls_pos_embed=True, ln_pre=True, patch_bias=False)
+  c.model.image.update(layer_norm_eps=1e-5, activation="quick_gelu")
+  c.model.text.update(causal=True, pool="eos", layer_norm_eps=1e-5, activation="quick_gelu")
+  linear = lambda name: {"out/kernel": (name, "linear")}
+  c.init = dict(
+    image=dict(loader="hf", target="image_encoder", path=path),
+    text=dict(loader="hf", target="text_encoder", path=path),
+    image_proj=dict(
+      loader="hf_tensors",
+      target="image_proj",
+      path=path,
+      tensors=linear("visual_projection.weight"),
+    ),
+    text_proj=dict(
+      loader="hf_tensors", target="text_proj", path=path, tensors=linear("text_projection.weight")
+    ),
+    logit_scale=dict(
+      loader="hf_tensors", target="logit_scale", path=path, tensors={"": ("logit_scale", "copy")}
+    ),
+  )
+  return c
+
 
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  if variant == "finetune":
+    # Fine-tuning the released model at the full config's sizes: a starting point (learning rate
+    # and length as in common CLIP fine-tuning), not a published recipe.
+    c = finetune_from(get_config("full"), OPENAI_B16)
+    c.name, c.variant = "clip_finetune", "finetune"
+    c.batch_size = 1024
+    c.total_steps = 5_000
+    c.optim.update(lr=1e-5, warmup_steps=500, weight_decay=0.1)
+    return c
   c = common.base_config(variant)
   c.name = f"clip_{variant}"
   c.model = dict(

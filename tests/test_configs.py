@@ -110,3 +110,16 @@ def test_full_momentum_configs_name_the_published_weights(name):
 def test_unknown_variant_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown config variant"):
     _config("clip", "huge")
+
+
+@pytest.mark.parametrize(
+  "name,repo",
+  [("clip", "openai/clip-vit-base-patch16"), ("siglip", "google/siglip-base-patch16-224")],
+)
+def test_finetune_configs_name_the_released_weights(name, repo):
+  config = _config(name, "finetune")
+  assert config.name == f"{name}_finetune"
+  paths = {entry.path for entry in config.init.values()} | {config.data.tokenizer_path}
+  assert paths == {f"hf:{repo}"}
+  with pytest.raises(PathError, match=repo):
+    trainer.build(config)

@@ -588,3 +588,33 @@ def test_position_grid_resized_for_another_image_size(directory, tower):
   np.testing.assert_allclose(a, b, atol=1e-5)
   if tower.get("cls_pos_embed"):
     np.testing.assert_array_equal(params["pos_embedding"][0], native["pos_embedding"][0])
+
+
+def test_clip_finetune_entries_load_towers_projections_and_temperature(tmp_path):
+  """The `finetune` config's init entries pointed at the tiny CLIP checkpoint: every parameter of
+  the model comes from it, and the run trains from there."""
+  from configs import clip  # noqa: PLC0415
+
+  config = clip.get_config("tiny")
+  config.model.image.update({k: v for k, v in CLIP_VISION.items() if k != "kind"})
+  config.model.text.update({k: v for k, v in CLIP_TEXT.items() if k != "kind"})
+  config.model.embed_dim = 24
+  config.data.max_len = 16
+  config = clip.finetune_from(config, str(FIXTURES / "tiny_clip"))
+  config.data.tokenizer = "shapes_words"  # the tiny checkpoint has no tokenizer; 60 ids <= 99
+  config.total_steps, config.checkpoint_every, config.evals = 2, 2, {}
+  setup = trainer.build(config)
+  params = jax.device_get(trainer.fresh_state(setup, jax.random.PRNGKey(0)).params)["params"]
+  stored = load_file(str(FIXTURES / "tiny_clip" / "model.safetensors"))
+  np.testing.assert_array_equal(
+    params["image_proj"]["out"]["kernel"], stored["visual_projection.weight"].T
+  )
+  np.testing.assert_array_equal(
+    params["text_proj"]["out"]["kernel"], stored["text_projection.weight"].T
+  )
+  np.testing.assert_array_equal(params["logit_scale"], stored["logit_scale"].reshape(()))
+  np.testing.assert_array_equal(
+    params["image_encoder"]["cls"].reshape(-1), stored["vision_model.embeddings.class_embedding"]
+  )
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(final["train/loss"])

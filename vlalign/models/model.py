@@ -9,6 +9,8 @@ Model config fields (see configs/common.py):
   logit_bias_init: None, or the SigLIP bias init (e.g. -10)
   proj_hidden: None (linear projections) or the hidden width of MLP projections
   proj_bias: bias in the projections (default: False for two_tower, True for albef as in ALBEF)
+  projection: False: no projections, the towers' pooled outputs are the embeddings (their widths
+              must be equal; SigLIP, whose towers end in their own heads); default True
   image: dict(kind, ...) an image tower of `vlalign.models.TOWERS` and its fields, e.g.
          kind="vit": image_size, patch_size, width, depth, num_heads, mlp_dim, dropout
   text: dict(kind, ...) a text tower, e.g. kind="text_transformer": vocab_size, max_len, width,
@@ -56,8 +58,11 @@ class TwoTower(nn.Module):
     proj_bias = bool(c.get("proj_bias", self.default_proj_bias))
     self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, remat=remat)
     self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, remat=remat)
-    self.image_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
-    self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
+    if c.get("projection", True):
+      self.image_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
+      self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
+    else:  # The towers' pooled outputs are the embeddings (SigLIP's MAP head and text head).
+      self.image_proj = self.text_proj = lambda x: x
     self.logit_scale = self.param(
       "logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32
     )

@@ -957,7 +957,7 @@ def load_tower(
       logging.info("init: %s resized from %s to %s", name, stored.shape, tuple(leaf.shape))
     else:
       value = _to_flax(layout, stored, tuple(leaf.shape))
-    value = np.ascontiguousarray(value.astype(leaf.dtype))
+    value = np.array(value, dtype=leaf.dtype, order="C")  # keeps 0-d arrays 0-d
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
       return value
@@ -997,6 +997,47 @@ def load_from_hf(
     f" layers {layers[0]}:{layers[1]}" if layers else "",
     f"; not in the checkpoint, left as initialised: {fresh}" if fresh else "",
   )
+  return values
+
+
+@LOADERS.register("hf_tensors")
+def load_hf_tensors(
+  entry: dict[str, Any], target: tuple[str, ...], abstract: Any, model_config: Any = None
+) -> Any:
+  """Named tensors of a Hugging Face checkpoint into a sub-tree that is no tower (CLIP's
+  projections and temperature): `tensors` maps each leaf path below `target` ("" for `target`
+  itself) to `[stored name, layout]` (layouts: copy, linear, heads_in, heads_out, conv, lead1,
+  token, grid; a scalar target also takes a one-element tensor)."""
+  unknown = set(entry) - {"path", "tensors"}
+  if unknown or "path" not in entry or "tensors" not in entry:
+    raise ConfigError(f"init loader 'hf_tensors' takes path and tensors; got {sorted(entry)}")
+  directory = resolve_location(entry["path"], "init.path")
+  files = weight_files(directory)
+  names = {k: tuple(v) for k, v in dict(entry["tensors"]).items()}
+  flat = {
+    pytrees.path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
+  problems = [f"no tensor {n!r}" for n, _ in names.values() if n not in files]
+  problems += [f"no parameter {'/'.join(target)}/{k}" for k in names if k not in flat]
+  problems += [f"parameter {k} has no tensor in `tensors`" for k in flat if k not in names]
+  if problems:
+    raise ConfigError(f"config.init ({'/'.join(target)}) from {directory}: " + "; ".join(problems))
+
+  def load(path, leaf):
+    name, layout = names[pytrees.path_name(path)]
+    stored = read_tensor(files[name], name)
+    value = stored.reshape(()) if leaf.shape == () and stored.size == 1 else stored
+    value = _to_flax(layout, value, tuple(leaf.shape))
+    if value.shape != tuple(leaf.shape):
+      raise ConfigError(f"tensor {name} {stored.shape} does not fit params/{'/'.join(target)}")
+    value = np.array(value, dtype=leaf.dtype, order="C")  # keeps 0-d arrays 0-d
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      return value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  values = jax.tree_util.tree_map_with_path(load, abstract)
+  logging.info("init: params/%s from %s (%s)", "/".join(target), directory, sorted(names))
   return values
 
 
@@ -1064,7 +1105,7 @@ def export_tower(
     if split:  # q, k and v go back into one fused tensor, in that order
       thirds.setdefault(name, {})[split[0]] = value
     else:
-      tensors[name] = np.ascontiguousarray(value)
+      tensors[name] = np.array(value, order="C")
   for name, parts in thirds.items():
     tensors[name] = np.ascontiguousarray(np.concatenate([parts[i] for i in range(3)], axis=0))
   directory = workdir_lib.as_path(directory)
