@@ -618,3 +618,22 @@ def test_clip_finetune_entries_load_towers_projections_and_temperature(tmp_path)
   )
   final = trainer.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(final["train/loss"])
+
+
+def test_clip_bpe_tokenizer_matches_transformers_and_lays_out_like_clip():
+  """CLIP's byte-level BPE (its first 3,000 merges) as Hugging Face saves it: the same ids as
+  transformers' `CLIPTokenizer` on 300 varied strings, `<|startoftext|>` first and
+  `<|endoftext|>` last. OpenAI's own tokenizer (open_clip `SimpleTokenizer`) cleans the text with
+  ftfy first; the strings where its ids differ are counted, not hidden."""
+  ref = json.loads((FIXTURES / "clip_tokenizer_reference.json").read_text())
+  tok = tk.JsonTokenizer(FIXTURES / "tiny_clip_tokenizer")
+  assert (tok.cls_id, tok.eos_id, tok.pad_id) == (ref["bos_id"], ref["eos_id"], ref["pad_id"])
+  ids, mask = tok.encode_batch(ref["texts"], 16)
+  for row, (text, expected) in enumerate(zip(ref["texts"], ref["hf_ids"], strict=True)):
+    assert tok.token_ids(text) == expected, text
+    body = expected[:14]
+    assert ids[row].tolist() == [tok.cls_id, *body, tok.eos_id] + [tok.pad_id] * (14 - len(body))
+    assert mask[row].sum() == len(body) + 2
+  differ = [t for t, a, b in zip(ref["texts"], ref["hf_ids"], ref["open_clip_ids"]) if a != b]
+  assert len(differ) == 44  # fullwidth letters, emoji, CJK, newlines (docs/methods.md)
+  assert all(any(ord(c) > 0x2000 or c == "\n" for c in t) for t in differ)
