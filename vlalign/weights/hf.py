@@ -37,6 +37,7 @@ full copy per device.
 import dataclasses
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -835,7 +836,6 @@ def _stored_size(array: np.ndarray, layout: str) -> int:
 
 
 def _layer_index(family: Family, name: str) -> int | None:
-  import re  # noqa: PLC0415
 
   match = re.search(family.layer_pattern, name)
   return int(match.group(1)) if match else None
@@ -843,7 +843,6 @@ def _layer_index(family: Family, name: str) -> int | None:
 
 def _shift_layers(family: Family, name: str, offset: int) -> str:
   """`name` with its layer index moved by `offset` (`encoder.layer.0.` -> `encoder.layer.3.`)."""
-  import re  # noqa: PLC0415
 
   if not offset:
     return name
@@ -865,7 +864,6 @@ def match_tensors(
   target has a stored tensor of the right size (optional ones may be absent) and that nothing
   stored goes unused. With `layers=(start, stop)`, our block i reads stored layer start + i and the
   stored layers outside the slice are left alone."""
-  import re  # noqa: PLC0415
 
   start = layers[0] if layers else 0
   names = family.tensors(tower)
@@ -988,7 +986,13 @@ def load_from_hf(
   directory = resolve_location(entry["path"], "init.path")
   layers = parse_layers(entry.get("layers"))
   values = load_tower(directory, tower, abstract, f"model.{tower_name}", layers)
-  fresh = [pytrees.path_name(p) for p, v in _leaves_with_none(values) if v is None]
+  fresh = sorted(  # e.g. "block_*/cross_attn": one entry per module, not per leaf
+    {
+      re.sub(r"_\d+(?=/|$)", "_*", pytrees.path_name(p).rsplit("/", 1)[0])
+      for p, v in _leaves_with_none(values)
+      if v is None
+    }
+  )
   logging.info(
     "init: params/%s (%.2fM parameters) from %s%s%s",
     "/".join(target),
