@@ -170,6 +170,16 @@ def test_tiny_clip_towers_match_transformers():
   np.testing.assert_allclose(out["cls"], ref["text_pooler_output"], atol=1e-5, rtol=0)
 
 
+def test_tiny_distilled_deit_matches_transformers():
+  tower = {**TINY_VIT, "distillation_token": True}
+  ref = np.load(FIXTURES / "tiny_deit" / "reference.npz")
+  params = hf.load_tower(FIXTURES / "tiny_deit", tower, _tower_abstract(tower, ref["images"]))
+  out = _tower_apply(tower, params, ref["images"])
+  hidden = ref["last_hidden_state"]  # [B, 2 + N, D]: CLS, distillation token, patches
+  np.testing.assert_allclose(out["cls"], hidden[:, 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["tokens"], hidden[:, 2:], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("registers", [0, 4])
 def test_tiny_dinov2_matches_transformers(registers):
   directory = FIXTURES / ("tiny_dinov2_registers" if registers else "tiny_dinov2")
@@ -248,6 +258,7 @@ ROUND_TRIP = {
   "dinov2": DINOV2,
   "dinov2_registers": {**DINOV2, "num_registers": 4},
   "llama": LLAMA,
+  "deit": {**TINY_VIT, "distillation_token": True},
   "siglip_vision": SIGLIP_VISION,
   "siglip_text": SIGLIP_TEXT,
 }

@@ -65,6 +65,8 @@ class ViT(nn.Module):
     class_token: a learned CLS token before the patches (SigLIP has none).
     pool: how `cls` is made: "cls" (the CLS token), "map" (multihead attention pooling of the
       patch tokens, SigLIP's head) or "gap" (their mean).
+    distillation_token: DeiT's distillation token after the CLS, with its own position embedding
+      (needs `cls_pos_embed`: the table is then `[2 + g*g, D]`); dropped from `tokens`.
 
   The final LayerNorm applies to every token, so `cls` is Hugging Face CLIP's `pooler_output`
   (its `post_layernorm` of the CLS) and, for ViT/DeiT, their `last_hidden_state[:, 0]`.
@@ -90,6 +92,7 @@ class ViT(nn.Module):
   pos_interpolation: str = "bilinear"
   class_token: bool = True
   pool: str = "cls"
+  distillation_token: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -109,9 +112,12 @@ class ViT(nn.Module):
       name="patch_embed",
     )(images)
     init = nn.initializers.normal(0.02)
+    if self.distillation_token and not self.cls_pos_embed:
+      raise ConfigError("vit: distillation_token needs cls_pos_embed=True (DeiT)")
     if self.cls_pos_embed:
-      pos = self.param("pos_embedding", init, (1 + grid * grid, self.width), PARAM_DTYPE)
-      cls_pos, pos = pos[:1], pos[1:].reshape(grid, grid, self.width)
+      heads = 1 + int(self.distillation_token)  # tokens before the patches that have positions
+      pos = self.param("pos_embedding", init, (heads + grid * grid, self.width), PARAM_DTYPE)
+      cls_pos, pos = pos[:heads], pos[heads:].reshape(grid, grid, self.width)
     else:
       pos = self.param("pos_embedding", init, (grid, grid, self.width), PARAM_DTYPE)
       cls_pos = None
@@ -127,7 +133,10 @@ class ViT(nn.Module):
     prefix = []
     if self.class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
-      prefix.append(cls if cls_pos is None else cls + cls_pos)
+      prefix.append(cls if cls_pos is None else cls + cls_pos[:1])
+    if self.distillation_token:
+      dist = self.param("dist", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
+      prefix.append(dist + cls_pos[1:2])
     if self.num_registers:
       prefix.append(
         self.param(
@@ -158,7 +167,7 @@ class ViT(nn.Module):
       layer_scale_init=self.layer_scale_init,
       name="encoder",
     )(x, None, train)
-    tokens = x[:, int(self.class_token) + self.num_registers :]
+    tokens = x[:, int(self.class_token) + int(self.distillation_token) + self.num_registers :]
     if self.pool == "cls":
       cls = x[:, 0]
     elif self.pool == "map":

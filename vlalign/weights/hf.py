@@ -17,7 +17,8 @@ Fields of a `hf` init entry:
 Families (`FAMILIES`) map a Hugging Face architecture onto one of our tower kinds:
 
 * `bert` <- `BertModel` (`bert`);
-* `vit` <- `ViTModel` (`vit`; DeiT-B/16 is stored as one), `CLIPVisionModel` (`clip_vision_model`,
+* `vit` <- `ViTModel` (`vit`; DeiT-B/16 is stored as one), `DeiTModel` (`deit`: the distilled
+  DeiTs, with a distillation token), `CLIPVisionModel` (`clip_vision_model`,
   or the vision half of a whole `clip` checkpoint) and, with LayerScale, `Dinov2Model` (`dinov2`,
   `dinov2_with_registers`);
 * `text_transformer` <- `CLIPTextModel` (`clip_text_model`, or the text half of `clip`);
@@ -308,6 +309,11 @@ def _vit_tensors(tower: dict[str, Any]) -> Names:
   return names
 
 
+def _deit_tensors(tower: dict[str, Any]) -> Names:
+  """Our `vit` tower with a distillation token -> Hugging Face `DeiTModel`."""
+  return {**_vit_tensors(tower), "dist": ("embeddings.distillation_token", "copy")}
+
+
 def _dinov2_tensors(tower: dict[str, Any]) -> Names:
   """Our `vit` tower with LayerScale (and registers) -> Hugging Face `Dinov2Model`
   (`Dinov2WithRegistersModel`)."""
@@ -482,11 +488,43 @@ FAMILIES: tuple[Family, ...] = (
       num_registers=0,
       class_token=True,
       pool="cls",
+      distillation_token=False,
     ),
     tensors=_vit_tensors,
     prefixes=("", "vit."),
     ignored=(r"(vit\.)?pooler\..*", r"classifier\..*", _BUFFERS),
     export_fields=dict(architectures=["ViTModel"]),
+  ),
+  Family(
+    name="deit",
+    tower_kind="vit",
+    model_types=("deit",),
+    config_fields=dict(
+      image_size="image_size",
+      patch_size="patch_size",
+      activation="hidden_act",
+      **_TRANSFORMER_FIELDS,
+    ),
+    fixed_fields=dict(qkv_bias=True, num_channels=3),
+    tower_fixed=dict(
+      cls_pos_embed=True,
+      distillation_token=True,
+      ln_pre=False,
+      patch_bias=True,
+      layer_scale=False,
+      num_registers=0,
+      class_token=True,
+      pool="cls",
+    ),
+    tensors=_deit_tensors,
+    prefixes=("", "deit."),
+    ignored=(
+      r"(deit\.)?pooler\..*",
+      r"cls_classifier\..*",
+      r"distillation_classifier\..*",
+      _BUFFERS,
+    ),
+    export_fields=dict(architectures=["DeiTModel"]),
   ),
   Family(
     name="dinov2",
@@ -506,6 +544,7 @@ FAMILIES: tuple[Family, ...] = (
       layer_scale=True,
       class_token=True,
       pool="cls",
+      distillation_token=False,
     ),
     tensors=_dinov2_tensors,
     prefixes=("",),
@@ -542,6 +581,7 @@ FAMILIES: tuple[Family, ...] = (
       num_registers=0,
       class_token=True,
       pool="cls",
+      distillation_token=False,
     ),
     tensors=_clip_vision_tensors,
     prefixes=("vision_model.",),
@@ -611,6 +651,7 @@ FAMILIES: tuple[Family, ...] = (
       patch_bias=True,
       layer_scale=False,
       num_registers=0,
+      distillation_token=False,
     ),
     tensors=_siglip_vision_tensors,
     prefixes=("vision_model.",),
@@ -783,9 +824,10 @@ def _fit_positions(value: np.ndarray, shape: tuple[int, ...], tower: dict[str, A
 
   table = value.reshape(-1, value.shape[-1])
   has_cls = len(shape) == 2
-  head, grid = (table[:1], table[1:]) if has_cls else (table[:0], table)
+  heads = (1 + int(bool(tower.get("distillation_token")))) if has_cls else 0  # CLS (and DeiT's)
+  head, grid = table[:heads], table[heads:]
   side = int(round(np.sqrt(grid.shape[0])))
-  target = int(round(np.sqrt(shape[0] - 1))) if has_cls else shape[0]
+  target = int(round(np.sqrt(shape[0] - heads))) if has_cls else shape[0]
   if side * side != grid.shape[0]:
     raise ConfigError(f"a position table of {grid.shape[0]} patches is not a square grid")
   method = tower.get("pos_interpolation", "bilinear")
