@@ -45,7 +45,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   c.name = f"albef_minilm_{variant}"
   if variant == "demo":
     # A step costs ~600 GFLOP at batch 64 (XLA's count; the ALBEF demo's ~10x), half of it the MLM
-    # logits over MiniLM's 30,522 words: batch 32 and 300 steps keep the demo to minutes on 2 cores.
+    # logits over MiniLM's 30,522 words: at batch 32, 300 steps take ~14 minutes on 2 CPU cores
+    # (0.36 steps/s; docs/results.md).
     c.batch_size = 32
     c.total_steps = 300
     c.checkpoint_every = 150

@@ -545,22 +545,25 @@ def test_lower_bert_layers_as_a_shallower_text_encoder():
 
 
 def test_albef_minilm_starts_from_minilm_with_fresh_cross_attention():
-  """Text encoder = MiniLM layers 0-2, fusion = layers 3-5 (self-attention, MLP, LayerNorms) plus
-  cross-attention at its random initialisation, as ALBEF builds its fusion encoder from BERT."""
+  """Text encoder = MiniLM's first layers, fusion = the next ones (self-attention, MLP, LayerNorms)
+  plus cross-attention at its random initialisation, as ALBEF builds its fusion encoder from BERT
+  (the tiny config: one of each, so the fusion layer comes from stored layer 1)."""
   from configs import albef_minilm  # noqa: PLC0415
 
-  config = albef_minilm.with_minilm(albef_minilm.get_config("tiny"))  # 3 + 3 layers
+  config = albef_minilm.get_config("tiny")  # MiniLM layer 0 = text, layer 1 = fusion
   setup = trainer.build(config)
   params = jax.device_get(trainer.fresh_state(setup, jax.random.PRNGKey(0)).params)["params"]
   fresh = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))["params"]
   stored = load_file(str(_minilm_dir() / "model.safetensors"))
   text, fusion = params["text_encoder"], params["fusion"]
-  for i in range(3):
+  depth = config.model.text.depth
+  assert (depth, config.model.fusion_depth) == (1, 1)
+  for i in range(depth):
     layer = f"encoder.layer.{i}"
     np.testing.assert_array_equal(
       text[f"block_{i}"]["mlp"]["fc1"]["kernel"], stored[f"{layer}.intermediate.dense.weight"].T
     )
-    layer = f"encoder.layer.{3 + i}"
+    layer = f"encoder.layer.{depth + i}"
     block = fusion[f"block_{i}"]
     np.testing.assert_array_equal(
       block["self_attn"]["query"]["kernel"].reshape(384, 384),
