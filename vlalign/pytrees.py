@@ -31,7 +31,7 @@ def path_name(path: Sequence[Any]) -> str:
 
 def named_leaves(tree: Any) -> dict[str, Any]:
   """`{"params/img/kernel": leaf}` in flattening order."""
-  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_name(p): leaf for p, leaf in jax.tree.flatten_with_path(tree)[0]}
 
 
 def param_name(name: str) -> str:
@@ -74,7 +74,7 @@ def path_mask(tree: Any, patterns: Sequence[str], where: str, require_match: boo
         used[i] = hit = True
     return hit
 
-  mask = jax.tree_util.tree_map_with_path(matches, tree)
+  mask = jax.tree.map_with_path(matches, tree)
   unused = [p for p, u in zip(patterns, used, strict=True) if not u]
   if require_match and unused and jax.tree.leaves(tree):
     example = param_name(next(iter(named_leaves(tree))))

@@ -35,6 +35,7 @@ full copy per device.
 (`model.safetensors` + `config.json`); importing that directory gives the same arrays bit for bit.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -70,6 +71,7 @@ OPTIONAL = "?"
 
 def _split3(layout: str) -> tuple[int, str] | None:
   """`split3:<i>:<inner>` (the i-th third of a fused q/k/v tensor, then `inner`) -> `(i, inner)`."""
+  layout = layout.rstrip(OPTIONAL)
   if not layout.startswith("split3:"):
     return None
   _, index, inner = layout.split(":")
@@ -175,6 +177,10 @@ class Family:
     export_derived: the tower config -> the `config.json` fields `derived` reads, for export.
     layer_pattern: a regular expression whose group 1 is the layer index in a stored name (for
       loading a slice of the layers, `layers=(start, stop)`).
+    resolve: the tower config with the values its None fields stand for (Llama's `num_kv_heads`,
+      `head_dim`), compared with what `derived` reads.
+    resizable_positions: an image tower's position grid adapts to another image size on import
+      (its `image_size` may differ from the checkpoint's).
   """
 
   name: str
@@ -191,6 +197,8 @@ class Family:
   derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf_config: {}
   export_derived: Callable[[dict[str, Any]], dict[str, Any]] = lambda tower: {}
   layer_pattern: str = r"encoder\.layers?\.(\d+)\."
+  resolve: Callable[[dict[str, Any]], dict[str, Any]] = lambda tower: tower
+  resizable_positions: bool = False
 
 
 def _add_linear(names: Names, ours: str, hf: str, layout: str = "linear", bias: str = "copy"):
@@ -419,9 +427,10 @@ def _llama_derived(hf_config: dict[str, Any]) -> dict[str, Any]:
   return derived
 
 
-def _llama_tower_defaults(tower: dict[str, Any]) -> dict[str, Any]:
+def _llama_resolve(tower: dict[str, Any]) -> dict[str, Any]:
   """`num_kv_heads` / `head_dim` left at None mean `num_heads` / `width // num_heads`."""
   return dict(
+    tower,
     num_kv_heads=tower.get("num_kv_heads") or tower["num_heads"],
     head_dim=tower.get("head_dim") or tower["width"] // tower["num_heads"],
   )
@@ -433,6 +442,20 @@ _TRANSFORMER_FIELDS = dict(
   num_heads="num_attention_heads",
   mlp_dim="intermediate_size",
   layer_norm_eps="layer_norm_eps",
+)
+_VISION_FIELDS = dict(
+  image_size="image_size", patch_size="patch_size", activation="hidden_act", **_TRANSFORMER_FIELDS
+)
+# The `vit` fields of a plain ViT; each image family states where it differs.
+_PLAIN_VIT = dict(
+  cls_pos_embed=True,
+  ln_pre=False,
+  patch_bias=True,
+  layer_scale=False,
+  num_registers=0,
+  class_token=True,
+  pool="cls",
+  distillation_token=False,
 )
 _BUFFERS = r".*position_ids"
 _OTHER_CLIP_PARTS = (r"visual_projection\..*", r"text_projection\..*", r"logit_scale", _BUFFERS)
@@ -472,24 +495,11 @@ FAMILIES: tuple[Family, ...] = (
   Family(
     name="vit",
     tower_kind="vit",
+    resizable_positions=True,
     model_types=("vit",),
-    config_fields=dict(
-      image_size="image_size",
-      patch_size="patch_size",
-      activation="hidden_act",
-      **_TRANSFORMER_FIELDS,
-    ),
+    config_fields=_VISION_FIELDS,
     fixed_fields=dict(qkv_bias=True, num_channels=3),
-    tower_fixed=dict(
-      cls_pos_embed=True,
-      ln_pre=False,
-      patch_bias=True,
-      layer_scale=False,
-      num_registers=0,
-      class_token=True,
-      pool="cls",
-      distillation_token=False,
-    ),
+    tower_fixed=_PLAIN_VIT,
     tensors=_vit_tensors,
     prefixes=("", "vit."),
     ignored=(r"(vit\.)?pooler\..*", r"classifier\..*", _BUFFERS),
@@ -498,24 +508,11 @@ FAMILIES: tuple[Family, ...] = (
   Family(
     name="deit",
     tower_kind="vit",
+    resizable_positions=True,
     model_types=("deit",),
-    config_fields=dict(
-      image_size="image_size",
-      patch_size="patch_size",
-      activation="hidden_act",
-      **_TRANSFORMER_FIELDS,
-    ),
+    config_fields=_VISION_FIELDS,
     fixed_fields=dict(qkv_bias=True, num_channels=3),
-    tower_fixed=dict(
-      cls_pos_embed=True,
-      distillation_token=True,
-      ln_pre=False,
-      patch_bias=True,
-      layer_scale=False,
-      num_registers=0,
-      class_token=True,
-      pool="cls",
-    ),
+    tower_fixed=dict(_PLAIN_VIT, distillation_token=True),
     tensors=_deit_tensors,
     prefixes=("", "deit."),
     ignored=(
@@ -529,23 +526,15 @@ FAMILIES: tuple[Family, ...] = (
   Family(
     name="dinov2",
     tower_kind="vit",
+    resizable_positions=True,
     model_types=("dinov2", "dinov2_with_registers"),
-    config_fields={
-      **{k: v for k, v in _TRANSFORMER_FIELDS.items() if k != "mlp_dim"},
-      "image_size": "image_size",
-      "patch_size": "patch_size",
-      "activation": "hidden_act",
-    },
+    config_fields={k: v for k, v in _VISION_FIELDS.items() if k != "mlp_dim"},  # mlp_ratio
     fixed_fields=dict(qkv_bias=True, num_channels=3, use_swiglu_ffn=False),
-    tower_fixed=dict(
-      cls_pos_embed=True,
-      ln_pre=False,
-      patch_bias=True,
-      layer_scale=True,
-      class_token=True,
-      pool="cls",
-      distillation_token=False,
-    ),
+    # Registers or none: `num_registers` is checked against the checkpoint by `derived`.
+    tower_fixed={
+      **{k: v for k, v in _PLAIN_VIT.items() if k != "num_registers"},
+      "layer_scale": True,
+    },
     tensors=_dinov2_tensors,
     prefixes=("",),
     ignored=(r"embeddings\.mask_token", _BUFFERS),
@@ -564,25 +553,12 @@ FAMILIES: tuple[Family, ...] = (
   Family(
     name="clip_vision",
     tower_kind="vit",
+    resizable_positions=True,
     model_types=("clip_vision_model", "clip"),
     sub_config={"clip": "vision_config"},
-    config_fields=dict(
-      image_size="image_size",
-      patch_size="patch_size",
-      activation="hidden_act",
-      **_TRANSFORMER_FIELDS,
-    ),
+    config_fields=_VISION_FIELDS,
     fixed_fields=dict(num_channels=3),
-    tower_fixed=dict(
-      cls_pos_embed=True,
-      ln_pre=True,
-      patch_bias=False,
-      layer_scale=False,
-      num_registers=0,
-      class_token=True,
-      pool="cls",
-      distillation_token=False,
-    ),
+    tower_fixed=dict(_PLAIN_VIT, ln_pre=True, patch_bias=False),
     tensors=_clip_vision_tensors,
     prefixes=("vision_model.",),
     ignored=(r"text_model\..*", *_OTHER_CLIP_PARTS),
@@ -608,10 +584,11 @@ FAMILIES: tuple[Family, ...] = (
     layer_pattern=r"layers\.(\d+)\.",
     export_fields=dict(architectures=["LlamaModel"]),
     derived=_llama_derived,
+    resolve=_llama_resolve,
     export_derived=lambda tower: dict(
       rope_theta=tower["rope_theta"],
-      num_key_value_heads=_llama_tower_defaults(tower)["num_kv_heads"],
-      head_dim=_llama_tower_defaults(tower)["head_dim"],
+      num_key_value_heads=_llama_resolve(tower)["num_kv_heads"],
+      head_dim=_llama_resolve(tower)["head_dim"],
     ),
   ),
   Family(
@@ -634,25 +611,12 @@ FAMILIES: tuple[Family, ...] = (
   Family(
     name="siglip_vision",
     tower_kind="vit",
+    resizable_positions=True,
     model_types=("siglip_vision_model", "siglip"),
     sub_config={"siglip": "vision_config"},
-    config_fields=dict(
-      image_size="image_size",
-      patch_size="patch_size",
-      activation="hidden_act",
-      **_TRANSFORMER_FIELDS,
-    ),
+    config_fields=_VISION_FIELDS,
     fixed_fields=dict(num_channels=3),
-    tower_fixed=dict(
-      class_token=False,
-      pool="map",
-      cls_pos_embed=False,
-      ln_pre=False,
-      patch_bias=True,
-      layer_scale=False,
-      num_registers=0,
-      distillation_token=False,
-    ),
+    tower_fixed=dict(_PLAIN_VIT, class_token=False, pool="map", cls_pos_embed=False),
     tensors=_siglip_vision_tensors,
     prefixes=("vision_model.",),
     ignored=(r"text_model\..*", r"logit_scale", r"logit_bias", _BUFFERS),
@@ -739,22 +703,44 @@ def weight_files(directory: Any) -> dict[str, Any]:
     return {name: single for name in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
 
 
-def read_tensor(file: Any, name: str) -> np.ndarray:
-  from safetensors import safe_open  # noqa: PLC0415
+class StoredTensors(contextlib.AbstractContextManager):
+  """The tensors of a checkpoint's safetensors files (`weight_files`), each file opened once
+  (memory-mapped) while the context lasts; a tensor is read only when asked for."""
 
-  with safe_open(str(file), framework="numpy") as f:
-    return f.get_tensor(name)
+  def __init__(self, files: dict[str, Any]):
+    self.files = files
+    self._stack = contextlib.ExitStack()
+    self._handles: dict[str, Any] = {}
+
+  def _handle(self, name: str) -> Any:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    file = str(self.files[name])
+    if file not in self._handles:
+      self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+    return self._handles[file]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.files
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(self._handle(name).get_slice(name).get_shape()) for name in self.files}
+
+  def get(self, name: str) -> np.ndarray:
+    return self._handle(name).get_tensor(name)
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self._stack.close()
 
 
-def tensor_shapes(files: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-  from safetensors import safe_open  # noqa: PLC0415
-
-  shapes = {}
-  for file in sorted(set(files.values()), key=str):
-    with safe_open(str(file), framework="numpy") as f:
-      for name in f.keys():  # noqa: SIM118
-        shapes[name] = tuple(f.get_slice(name).get_shape())
-  return shapes
+def place(value: np.ndarray, leaf: Any) -> Any:
+  """`value` as `leaf`'s dtype, on `leaf.sharding` when it has one (each device gets only its
+  slice: no full copy per device), else as a host array; 0-d values stay 0-d."""
+  value = np.array(value, dtype=leaf.dtype, order="C")
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is None:
+    return value
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 # --- Import. ---
@@ -849,13 +835,13 @@ def check_architecture(
       problems.append(f"config.{where}.{ours} must be {value!r} for a {family.name} checkpoint")
   hf_config = tower_config_of(family, hf_config)
   for ours, theirs in family.config_fields.items():
-    if ours in RESIZED_FIELDS and tower.get("kind") == "vit":
+    if ours in RESIZED_FIELDS and family.resizable_positions:
       continue  # another image size: the position grid is resized on import (`_fit_positions`)
     if (
       theirs in hf_config and ours in tower and tower[ours] != _hf_value(theirs, hf_config[theirs])
     ):
       problems.append(f"config.{where}.{ours}={tower[ours]!r} but {theirs}={hf_config[theirs]!r}")
-  resolved = {**tower, **(_llama_tower_defaults(tower) if tower.get("kind") == "llama" else {})}
+  resolved = family.resolve(tower)
   for ours, value in family.derived(hf_config).items():
     if resolved.get(ours) != value:
       problems.append(
@@ -868,13 +854,13 @@ def check_architecture(
     raise ConfigError(f"{source}/{CONFIG_FILE} does not match the tower: " + "; ".join(problems))
 
 
-def _resizable(tower: dict[str, Any], ours: str) -> bool:
+def _resizable(family: Family, ours: str) -> bool:
   """Only an image tower's position grid adapts to another image size."""
-  return tower.get("kind") == "vit" and ours == POSITIONS
+  return family.resizable_positions and ours == POSITIONS
 
 
 def _stored_size(array: np.ndarray, layout: str) -> int:
-  return array.size // (3 if _split3(layout.rstrip(OPTIONAL)) else 1)
+  return array.size // (3 if _split3(layout) else 1)
 
 
 def _layer_index(family: Family, name: str) -> int | None:
@@ -927,9 +913,9 @@ def match_tensors(
   if missing:
     problems.append(f"missing tensors: {missing}")
   for ours, (name, layout) in names.items():
-    if name in stored and ours in targets and not _resizable(tower, ours):
+    if name in stored and ours in targets and not _resizable(family, ours):
       want = targets[ours]
-      parts = 3 if _split3(layout.rstrip(OPTIONAL)) else 1
+      parts = 3 if _split3(layout) else 1
       if int(np.prod(stored[name])) != parts * int(np.prod(want)) or (
         _same_shape_layout(layout) and len(stored[name]) != len(want)
       ):
@@ -978,32 +964,22 @@ def load_tower(
       raise ConfigError(f"{source}: layers {start}:{stop} are not within its {depth_field} layers")
     hf_config = {**hf_config, "num_hidden_layers": stop - start}
   check_architecture(family, tower, hf_config, where, source)
-  files = weight_files(directory)
-  flat = {
-    pytrees.path_name(path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-  }
-  targets = {name: tuple(leaf.shape) for name, leaf in flat.items()}
-  names = match_tensors(family, tower, tensor_shapes(files), targets, source, layers)
+  targets = {name: tuple(leaf.shape) for name, leaf in pytrees.named_leaves(abstract).items()}
+  with StoredTensors(weight_files(directory)) as stored:
+    names = match_tensors(family, tower, stored.shapes(), targets, source, layers)
 
-  def load(path, leaf):
-    name, layout = names[pytrees.path_name(path)]
-    if name not in files:  # an optional tensor the checkpoint lacks
-      return None
-    stored = read_tensor(files[name], name)
-    resizable = _resizable(tower, pytrees.path_name(path))
-    if resizable and _stored_size(stored, layout) != leaf.size:
-      value = _fit_positions(stored, tuple(leaf.shape), tower)
-      logging.info("init: %s resized from %s to %s", name, stored.shape, tuple(leaf.shape))
-    else:
-      value = _to_flax(layout, stored, tuple(leaf.shape))
-    value = np.array(value, dtype=leaf.dtype, order="C")  # keeps 0-d arrays 0-d
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-      return value
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    def load(path, leaf):
+      ours = pytrees.path_name(path)
+      name, layout = names[ours]
+      if name not in stored:  # an optional tensor the checkpoint lacks
+        return None
+      value = stored.get(name)
+      if _resizable(family, ours) and _stored_size(value, layout) != leaf.size:
+        logging.info("init: %s resized from %s to %s", name, value.shape, tuple(leaf.shape))
+        return place(_fit_positions(value, tuple(leaf.shape), tower), leaf)
+      return place(_to_flax(layout, value, tuple(leaf.shape)), leaf)
 
-  return jax.tree_util.tree_map_with_path(load, abstract)
+    return jax.tree.map_with_path(load, abstract)
 
 
 @LOADERS.register("hf")
@@ -1058,37 +1034,33 @@ def load_hf_tensors(
   if unknown or "path" not in entry or "tensors" not in entry:
     raise ConfigError(f"init loader 'hf_tensors' takes path and tensors; got {sorted(entry)}")
   directory = resolve_location(entry["path"], "init.path")
-  files = weight_files(directory)
   names = {k: tuple(v) for k, v in dict(entry["tensors"]).items()}
-  flat = {
-    pytrees.path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-  }
-  problems = [f"no tensor {n!r}" for n, _ in names.values() if n not in files]
-  problems += [f"no parameter {'/'.join(target)}/{k}" for k in names if k not in flat]
-  problems += [f"parameter {k} has no tensor in `tensors`" for k in flat if k not in names]
-  if problems:
-    raise ConfigError(f"config.init ({'/'.join(target)}) from {directory}: " + "; ".join(problems))
+  flat = pytrees.named_leaves(abstract)
+  with StoredTensors(weight_files(directory)) as stored:
+    problems = [f"no tensor {n!r}" for n, _ in names.values() if n not in stored]
+    problems += [f"no parameter {'/'.join(target)}/{k}" for k in names if k not in flat]
+    problems += [f"parameter {k} has no tensor in `tensors`" for k in flat if k not in names]
+    if problems:
+      where = f"config.init ({'/'.join(target)}) from {directory}"
+      raise ConfigError(f"{where}: " + "; ".join(problems))
 
-  def load(path, leaf):
-    name, layout = names[pytrees.path_name(path)]
-    stored = read_tensor(files[name], name)
-    value = stored.reshape(()) if leaf.shape == () and stored.size == 1 else stored
-    value = _to_flax(layout, value, tuple(leaf.shape))
-    if value.shape != tuple(leaf.shape):
-      raise ConfigError(f"tensor {name} {stored.shape} does not fit params/{'/'.join(target)}")
-    value = np.array(value, dtype=leaf.dtype, order="C")  # keeps 0-d arrays 0-d
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-      return value
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    def load(path, leaf):
+      name, layout = names[pytrees.path_name(path)]
+      value = stored.get(name)
+      if leaf.shape == () and value.size == 1:
+        value = value.reshape(())
+      converted = _to_flax(layout, value, tuple(leaf.shape))
+      if converted.shape != tuple(leaf.shape):
+        raise ConfigError(f"tensor {name} {value.shape} does not fit params/{'/'.join(target)}")
+      return place(converted, leaf)
 
-  values = jax.tree_util.tree_map_with_path(load, abstract)
+    values = jax.tree.map_with_path(load, abstract)
   logging.info("init: params/%s from %s (%s)", "/".join(target), directory, sorted(names))
   return values
 
 
 def _leaves_with_none(tree: Any) -> list[tuple[Any, Any]]:
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  return jax.tree.flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
 
 
 def parse_layers(layers: Any) -> tuple[int, int] | None:
