@@ -21,7 +21,7 @@ from absl import logging
 
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
-from vlalign.errors import ConfigError, UserError
+from vlalign.errors import ConfigError, PathError, UserError
 
 STATE = "state"
 DATA = "data"
@@ -293,3 +293,41 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
   )
+
+
+def check_run_checkpoints(workdir: Any, step: int | None = None) -> list[int]:
+  """The checkpointed steps of the run in `workdir`; PathError if it has none, ConfigError if
+  `step` is given and not among them. Cheap: callers run it before building the model."""
+  ckpt_dir = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS
+  if not ckpt_dir.is_dir():
+    raise PathError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
+  ckpt = Checkpointer(str(ckpt_dir), async_save=False, create=False)
+  try:
+    steps = ckpt.all_steps()
+  finally:
+    ckpt.close()
+  if not steps:
+    raise PathError(f"{ckpt_dir} holds no checkpoint")
+  if step is not None and step not in steps:
+    raise ConfigError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
+  return steps
+
+
+def restore_run_params(
+  workdir: Any, abstract_params: Any, step: int | None = None
+) -> tuple[int, Any]:
+  """`(step, params)` of the run in `workdir`: the parameters only (no optimizer state), of `step`
+  or, without it, of the newest checkpoint that reads (a damaged newer one is skipped with a
+  warning naming it). What the evaluation, export and report binaries load."""
+  check_run_checkpoints(workdir, step)
+  ckpt_dir = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS
+  ckpt = Checkpointer(str(ckpt_dir), async_save=False, create=False)
+  try:
+    if step is not None:
+      return step, ckpt.restore_params(step, abstract_params)
+    step, params, damaged = ckpt.restore_latest(lambda s: ckpt.restore_params(s, abstract_params))
+    for error in damaged:
+      logging.warning("skipped the damaged checkpoint %d: %s", error.step, error.reason)
+    return step, params
+  finally:
+    ckpt.close()

@@ -116,28 +116,16 @@ def report(config, workdir: str, step: int | None, split: str, codes: int, per_c
   from vlalign import sharding, trainer
   from vlalign import workdir as workdir_lib
   from vlalign.data import pipeline
-  from vlalign.errors import ConfigError, PathError
+  from vlalign.errors import ConfigError
   from vlalign.evaluation.retrieval import embed_in_batches
 
   root = workdir_lib.as_path(workdir)
-  ckpt_dir = root / workdir_lib.CHECKPOINTS
-  if not ckpt_dir.is_dir():
-    raise PathError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
+  ckpt_lib.check_run_checkpoints(root, step)  # before the (slower) model build
   setup = trainer.build(config)
   fns = setup.method.predict_fns()
   if "codebook" not in fns:
     raise ConfigError(f"method {config.method!r} has no codebook; use a 'codis' config")
-  ckpt = ckpt_lib.Checkpointer(str(ckpt_dir), async_save=False, create=False)
-  abstract = setup.abstract_state.params
-  try:
-    if step is None:
-      step, params, _ = ckpt.restore_latest(lambda s: ckpt.restore_params(s, abstract))
-      if step is None:
-        raise PathError(f"{ckpt_dir} holds no checkpoint")
-    else:
-      params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
+  step, params = ckpt_lib.restore_run_params(root, setup.abstract_state.params, step)
   predict = {k: sharding.host_fn(fns[k], setup.mesh) for k in ("encode_image", "encode_text")}
   data = pipeline.make_eval_data(config.data, setup.tokenizer, split)
   source = pipeline.make_source(config.data, split)

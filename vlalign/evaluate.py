@@ -49,7 +49,7 @@ def evaluate(
   from vlalign import checkpoint as ckpt_lib
   from vlalign import trainer
   from vlalign import workdir as workdir_lib
-  from vlalign.errors import ConfigError, PathError
+  from vlalign.errors import ConfigError
   from vlalign.evaluation import report
 
   root = workdir_lib.as_path(workdir)
@@ -58,27 +58,9 @@ def evaluate(
   workdir_lib.check_config_matches(root, config, tag, ignore, "evaluate")
   if not config.get("evals"):
     raise ConfigError("config.evals is empty: nothing to evaluate")
-  ckpt_dir = root / workdir_lib.CHECKPOINTS
-  if not ckpt_dir.is_dir():
-    raise PathError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
-  ckpt = ckpt_lib.Checkpointer(str(ckpt_dir), async_save=False, create=False)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise PathError(f"{ckpt_dir} holds no checkpoint")
-  if step is not None and step not in steps:
-    raise ConfigError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
-
+  ckpt_lib.check_run_checkpoints(root, step)  # before the (slower) model build
   setup = trainer.build(config)
-  abstract = setup.abstract_state.params
-  try:
-    if step is None:
-      step, params, damaged = ckpt.restore_latest(lambda s: ckpt.restore_params(s, abstract))
-      for error in damaged:
-        logging.warning("skipped the damaged checkpoint %d: %s", error.step, error.reason)
-    else:
-      params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
+  step, params = ckpt_lib.restore_run_params(root, setup.abstract_state.params, step)
 
   evaluators = trainer.build_evaluators(setup, workdir_lib.as_path(output_dir or workdir))
   results = {}

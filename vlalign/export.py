@@ -63,13 +63,12 @@ def check_model_matches(root, config) -> None:
 def export(config, workdir: str, tower: str, out: str, step: int | None = None):
   """Writes the tower `tower` of the run in `workdir` to `out`; returns `(step, out path)`."""
   import jax
-  from absl import logging
 
   from vlalign import checkpoint as ckpt_lib
   from vlalign import trainer
   from vlalign import workdir as workdir_lib
   from vlalign.data.tokenizer import JsonTokenizer
-  from vlalign.errors import PathError, WorkdirError
+  from vlalign.errors import WorkdirError
   from vlalign.weights import hf
 
   root = workdir_lib.as_path(workdir)
@@ -77,21 +76,9 @@ def export(config, workdir: str, tower: str, out: str, step: int | None = None):
   if (target / hf.WEIGHTS_FILE).exists() or (target / hf.INDEX_FILE).exists():
     raise WorkdirError(f"{target} already holds a checkpoint; choose another --out")
   check_model_matches(root, config)
-  ckpt_dir = root / workdir_lib.CHECKPOINTS
-  if not ckpt_dir.is_dir():
-    raise PathError(f"no checkpoints/ in {workdir}: train first, or check --workdir")
+  ckpt_lib.check_run_checkpoints(root, step)  # before the (slower) model build
   setup = trainer.build(config)
-  ckpt = ckpt_lib.Checkpointer(str(ckpt_dir), async_save=False, create=False)
-  try:
-    abstract = setup.abstract_state.params
-    if step is None:
-      step, params, damaged = ckpt.restore_latest(lambda s: ckpt.restore_params(s, abstract))
-      for error in damaged:
-        logging.warning("skipped the damaged checkpoint %d: %s", error.step, error.reason)
-    else:
-      params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
+  step, params = ckpt_lib.restore_run_params(root, setup.abstract_state.params, step)
   tower_config = config.model[tower].to_dict()
   sub_tree = jax.device_get(params["params"][TOWER_PARAMS[tower]])
   extra = {}
