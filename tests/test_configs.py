@@ -11,6 +11,7 @@ from vlalign import trainer
 from vlalign.errors import PathError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NOT_METHODS = ("__init__.py", "common.py")
 METHOD_CONFIGS = sorted(
   f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f not in NOT_METHODS
@@ -24,13 +25,17 @@ def _config(name, variant):
 def _offline(config):
   """`config` with a tokenizer that must be downloaded (`hf:...`, e.g. the full ALBEF/TCL configs'
   bert-base-uncased) replaced by the MiniLM WordPiece tokenizer that ships offline, which has the
-  same 30,522 ids: building and lowering need the tokenizer, not the weights (`config.init` is
-  read only when a run starts)."""
+  same 30,522 ids (a SentencePiece one, Llama 2's, by the small fixture model): building and
+  lowering need the tokenizer, not the weights (`config.init` is read only when a run starts)."""
   from configs import lit  # noqa: PLC0415
 
   if str(config.data.get("tokenizer_path", "")).startswith("hf:"):
-    assert config.model.text.vocab_size == 30_522
-    config.data.tokenizer_path = lit.MINILM
+    if config.data.tokenizer == "sentencepiece":  # Llama 2's 32,000 ids > the fixture's
+      assert config.model.text.vocab_size == 32_000
+      config.data.tokenizer_path = os.path.join(FIXTURES, "tiny_spm", "tokenizer.model")
+    else:
+      assert config.model.text.vocab_size == 30_522
+      config.data.tokenizer_path = lit.MINILM
   return config
 
 

@@ -282,13 +282,70 @@ class SentencePieceTokenizer:
     return self._sp.decode([i for i in np.asarray(ids).tolist() if i not in special])
 
 
+class PromptTokenizer:
+  """A tokenizer that writes every text into a prompt template (`data.text_template`), e.g. an
+  in-context prompt whose last token is where a causal language model predicts a word (LexVLA).
+
+  The template holds `{}` once; the prefix and suffix around it are tokenized on their own (by
+  the base tokenizer's `token_ids`) and kept whole: when a text is too long, the text is cut, never
+  the prompt. Everything else (special ids, `decode`) is the base tokenizer's.
+
+  Args:
+    base: a tokenizer with `token_ids(text) -> list[int]` (all of this module's do).
+    template: e.g. `'The focus of "{}" lies on important words:'`.
+  """
+
+  def __init__(self, base: Tokenizer, template: str):
+    if template.count("{}") != 1:
+      raise ConfigError(f"data.text_template must contain '{{}}' exactly once; got {template!r}")
+    prefix, suffix = template.split("{}")
+    self.base = base
+    self.template = template
+    self.prefix_ids = base.token_ids(prefix) if prefix.strip() else []
+    self.suffix_ids = base.token_ids(suffix) if suffix.strip() else []
+    for name in ("vocab_size", "pad_id", "cls_id", "eos_id", "mask_id", "unk_id"):
+      setattr(self, name, getattr(base, name))
+
+  def token_ids(self, text: str) -> list[int]:
+    """Ids of the prompted text, without special tokens."""
+    return [*self.prefix_ids, *self.base.token_ids(text), *self.suffix_ids]
+
+  def encode(self, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [L] int32, mask [L] int32)`: the prompt around `text`, cut inside `text` if needed."""
+    room = max_len - (self.cls_id is not None) - 1 - len(self.prefix_ids) - len(self.suffix_ids)
+    if room < 1:
+      raise ConfigError(
+        f"data.max_len={max_len} leaves no room for a text in data.text_template "
+        f"({len(self.prefix_ids) + len(self.suffix_ids)} prompt tokens); raise data.max_len"
+      )
+    body = [*self.prefix_ids, *self.base.token_ids(text)[:room], *self.suffix_ids]
+    return layout(body, max_len, self.cls_id, self.eos_id, self.pad_id)
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids [N, L] int32, mask [N, L] int32)`."""
+    rows = [self.encode(text, max_len) for text in texts]
+    if not rows:
+      return np.zeros((0, max_len), np.int32), np.zeros((0, max_len), np.int32)
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self.base.decode(ids)
+
+
 TOKENIZERS = ("shapes_words", "tokenizer_json", "sentencepiece")
 
 
 def build_tokenizer(data_config: Any) -> Tokenizer:
   """The tokenizer named by `data_config.tokenizer` (default "shapes_words"); `tokenizer_json` and
   `sentencepiece` read `data_config.tokenizer_path` (a location as in
-  `vlalign.weights.hf.resolve_location`)."""
+  `vlalign.weights.hf.resolve_location`). With `data_config.text_template` set, every text goes
+  through that prompt (`PromptTokenizer`)."""
+  base = _base_tokenizer(data_config)
+  template = data_config.get("text_template")
+  return PromptTokenizer(base, template) if template else base
+
+
+def _base_tokenizer(data_config: Any) -> Tokenizer:
   name = data_config.get("tokenizer", "shapes_words")
   if name == "shapes_words":
     return WordTokenizer(shapes.vocabulary())

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vlalign.errors import ConfigError
+from vlalign.evaluation import lexical  # noqa: F401 - registers patchdis, lexical_words
 from vlalign.evaluation.common import EVALUATORS, EvalContext, Evaluator
 from vlalign.evaluation.retrieval import RetrievalEvaluator, retrieval_metrics
 from vlalign.evaluation.zeroshot import ZeroShotEvaluator, class_embeddings

@@ -5,6 +5,12 @@ unchanged (`vlalign/weights/hf.py`): word + learned position + token-type embedd
 dropout; then per layer `x = LN(x + Drop(Attn(x)))`, `x = LN(x + Drop(Mlp(x)))` with the exact
 (erf) GELU; LayerNorm epsilon 1e-12. There is no final LayerNorm (post-LN ends normalised).
 Attention is bidirectional over the real tokens. The token type is 0 everywhere (one segment).
+
+With `lora` set, the projections it names (`BERT_LORA_TARGETS`: attention `query`, `key`, `value`,
+`out`; MLP `fc1`, `fc2`) get LoRA adapters (`vlalign/models/lora.py`), e.g.
+`block_0/attn/query_lora`, `block_0/mlp/fc1_lora`. The blocks then use `SelfAttention` and `Mlp`,
+which have the parameters and the arithmetic of `nn.MultiHeadDotProductAttention` and `MlpBlock`
+plus the adapters.
 """
 
 import flax.linen as nn
@@ -13,10 +19,86 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
-from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
+from vlalign.models.layers import (
+  PARAM_DTYPE,
+  Dtype,
+  MlpBlock,
+  activation_fn,
+  attention,
+  key_padding_mask,
+)
+from vlalign.models.lora import add_lora, check_lora
 from vlalign.models.text import pool_tokens
 
 BERT_POOLS = ("first", "mean", "pooler")
+# The projections `lora.targets` may name: attention (in `attn`) and MLP (in `mlp`).
+BERT_LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
+
+
+class SelfAttention(nn.Module):
+  """`nn.MultiHeadDotProductAttention` as `attention()` makes it (same parameters `query`, `key`,
+  `value`, `out` and the same operations), with LoRA adapters on the projections `lora` names:
+  `[B, L, D] -> [B, L, D]`.
+
+  Attributes:
+    num_heads: attention heads (must divide D).
+    dropout: rate on the attention probabilities.
+    lora: a checked LoRA config (`check_lora`), or None.
+    dtype: compute dtype.
+  """
+
+  num_heads: int
+  dropout: float = 0.0
+  lora: dict | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
+    head_dim = x.shape[-1] // self.num_heads
+    adapt = lambda y, name, inputs, in_axes=1: add_lora(
+      y, inputs, self.lora, name, train, in_axes, self.dtype
+    )
+    dense = lambda name: nn.DenseGeneral(
+      (self.num_heads, head_dim), dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+    )
+    q, k, v = (adapt(dense(name)(x), name, x) for name in ("query", "key", "value"))
+    deterministic = not train or self.dropout == 0.0
+    y = nn.dot_product_attention(
+      q,
+      k,
+      v,
+      mask=mask,
+      dropout_rng=None if deterministic else self.make_rng("dropout"),
+      dropout_rate=self.dropout,
+      deterministic=deterministic,
+      dtype=self.dtype,
+      force_fp32_for_softmax=True,
+    )
+    out = nn.DenseGeneral(
+      x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=PARAM_DTYPE, name="out"
+    )(y)
+    return adapt(out, "out", y, in_axes=2)
+
+
+class Mlp(nn.Module):
+  """`MlpBlock` (exact GELU) with LoRA adapters on `fc1` / `fc2` as `lora` names:
+  `[..., D] -> [..., D]`."""
+
+  mlp_dim: int
+  dropout: float = 0.0
+  lora: dict | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    adapt = lambda y, name, inputs: add_lora(y, inputs, self.lora, name, train, 1, self.dtype)
+    dense = lambda width, name: nn.Dense(
+      width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+    )
+    y = activation_fn("gelu")(adapt(dense(self.mlp_dim, "fc1")(x), "fc1", x))
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return adapt(dense(x.shape[-1], "fc2")(y), "fc2", y)
 
 
 class PostLNBlock(nn.Module):
@@ -28,6 +110,8 @@ class PostLNBlock(nn.Module):
     attention_dropout: rate on the attention probabilities (`attention_probs_dropout_prob`).
     layer_norm_eps: LayerNorm epsilon.
     dtype: compute dtype.
+    lora: a checked LoRA config (`check_lora`): `SelfAttention` and `Mlp` with adapters; None:
+      `attention()` and `MlpBlock`.
   """
 
   num_heads: int
@@ -36,14 +120,24 @@ class PostLNBlock(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-12
   dtype: Dtype = jnp.float32
+  lora: dict | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
     ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
-    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(x, mask=mask)
+    if self.lora is None:
+      y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(x, mask=mask)
+    else:
+      attn = SelfAttention(
+        self.num_heads, self.attention_dropout, self.lora, self.dtype, name="attn"
+      )
+      y = attn(x, mask, train)
     x = nn.LayerNorm(**ln, name="ln_attn")(x + nn.Dropout(self.dropout)(y, deterministic=not train))
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
+    if self.lora is None:
+      y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
+    else:
+      y = Mlp(self.mlp_dim, self.dropout, self.lora, self.dtype, name="mlp")(x, train)
     return nn.LayerNorm(**ln, name="ln_mlp")(
       x + nn.Dropout(self.dropout)(y, deterministic=not train)
     )
@@ -65,6 +159,8 @@ class Bert(nn.Module):
     dropout: hidden dropout; `attention_dropout` on the attention probabilities.
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    lora: LoRA adapters (`vlalign/models/lora.py`): `dict(rank, alpha, dropout, targets)` with
+      targets from `BERT_LORA_TARGETS`; None (default): none.
   """
 
   vocab_size: int
@@ -80,8 +176,10 @@ class Bert(nn.Module):
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  lora: dict | None = None
 
   def setup(self):
+    lora = check_lora(self.lora, BERT_LORA_TARGETS, "model.text.lora")
     if self.pool not in BERT_POOLS:
       raise ConfigError(f"unknown bert pool {self.pool!r}; choose one of {BERT_POOLS}")
     embed = dict(
@@ -107,6 +205,7 @@ class Bert(nn.Module):
         attention_dropout=self.attention_dropout,
         layer_norm_eps=self.layer_norm_eps,
         dtype=self.dtype,
+        lora=lora,
         name=f"block_{i}",
       )
       for i in range(self.depth)

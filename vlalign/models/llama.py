@@ -8,6 +8,10 @@ causal over the real tokens, `num_kv_heads` key/value heads are shared by groups
 queries and keys are rotated by RoPE (`rotate_half` convention, base `rope_theta`, positions
 0..L-1). No biases. RMSNorm statistics and the softmax run in float32 in any compute dtype
 (bf16-friendly).
+
+With `lora` set, the projections it names (`LLAMA_LORA_TARGETS`: `query`, `key`, `value`, `out`,
+`gate`, `up`, `down`) get LoRA adapters (`vlalign/models/lora.py`), e.g. `block_0/attn/query_lora`,
+`block_0/gate_lora`.
 """
 
 import flax.linen as nn
@@ -17,7 +21,11 @@ import jax.numpy as jnp
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, causal_mask, key_padding_mask
+from vlalign.models.lora import add_lora, check_lora
 from vlalign.models.text import pool_tokens
+
+# The projections `lora.targets` may name: attention (in `attn`) and SwiGLU (in the block).
+LLAMA_LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +59,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class GroupedQueryAttention(nn.Module):
-  """Causal attention, `num_kv_heads` key/value heads, RoPE: `[B, L, D] -> [B, L, D]`."""
+  """Causal attention, `num_kv_heads` key/value heads, RoPE: `[B, L, D] -> [B, L, D]`.
+
+  `lora`: a checked LoRA config (`check_lora`) whose attention targets get adapters, or None.
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -59,6 +70,7 @@ class GroupedQueryAttention(nn.Module):
   rope_theta: float
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  lora: dict | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
@@ -66,9 +78,12 @@ class GroupedQueryAttention(nn.Module):
     dense = lambda heads, name: nn.DenseGeneral(
       (heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
-    q = dense(self.num_heads, "query")(x)
-    k = dense(self.num_kv_heads, "key")(x)
-    v = dense(self.num_kv_heads, "value")(x)
+    adapt = lambda y, name, inputs, in_axes=1: add_lora(
+      y, inputs, self.lora, name, train, in_axes, self.dtype
+    )
+    q = adapt(dense(self.num_heads, "query")(x), "query", x)
+    k = adapt(dense(self.num_kv_heads, "key")(x), "key", x)
+    v = adapt(dense(self.num_kv_heads, "value")(x), "value", x)
     cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     groups = self.num_heads // self.num_kv_heads
@@ -78,7 +93,7 @@ class GroupedQueryAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1)
     probs = nn.Dropout(self.attention_dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    return nn.DenseGeneral(
+    y = nn.DenseGeneral(
       x.shape[-1],
       axis=(-2, -1),
       use_bias=False,
@@ -86,10 +101,14 @@ class GroupedQueryAttention(nn.Module):
       param_dtype=PARAM_DTYPE,
       name="out",
     )(out)
+    return adapt(y, "out", out, in_axes=2)
 
 
 class LlamaBlock(nn.Module):
-  """`x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`: `[B, L, D] -> [B, L, D]`."""
+  """`x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`: `[B, L, D] -> [B, L, D]`.
+
+  `lora`: a checked LoRA config (`check_lora`) whose targets get adapters, or None.
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -99,6 +118,7 @@ class LlamaBlock(nn.Module):
   norm_eps: float
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  lora: dict | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
@@ -111,6 +131,7 @@ class LlamaBlock(nn.Module):
       self.rope_theta,
       self.dropout,
       self.dtype,
+      self.lora,
       name="attn",
     )(y, mask, train)
     x = x + drop(y)
@@ -118,8 +139,10 @@ class LlamaBlock(nn.Module):
     dense = lambda width, name: nn.Dense(
       width, use_bias=False, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
-    h = nn.silu(dense(self.mlp_dim, "gate")(y)) * dense(self.mlp_dim, "up")(y)
-    return x + drop(dense(x.shape[-1], "down")(h))
+    adapt = lambda out, name, inputs: add_lora(out, inputs, self.lora, name, train, 1, self.dtype)
+    gate = adapt(dense(self.mlp_dim, "gate")(y), "gate", y)
+    h = nn.silu(gate) * adapt(dense(self.mlp_dim, "up")(y), "up", y)
+    return x + drop(adapt(dense(x.shape[-1], "down")(h), "down", h))
 
 
 @TOWERS.register("llama")
@@ -135,10 +158,15 @@ class Llama(nn.Module):
     rope_theta: RoPE base (`rope_theta`, 10,000 in Llama 2).
     norm_eps: RMSNorm epsilon (`rms_norm_eps`).
     pool: `cls` from the tokens: "eos" (the last real token: what a causal model has read the
-      whole text at) or "mean" over real tokens.
+      whole text at), "prompt_end" (the token before it: the last token of a prompt, where the
+      model predicts the next word; `data.text_template`) or "mean" over real tokens.
+    lm_head: an untied output codebook `lm_head` `[V, D]` (`LlamaForCausalLM`'s `lm_head.weight`),
+      read by `output_embedding_table()`; the tower's outputs do not use it.
     dropout: residual and attention dropout (0 in Llama).
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    lora: LoRA adapters (`vlalign/models/lora.py`): `dict(rank, alpha, dropout, targets)` with
+      targets from `LLAMA_LORA_TARGETS`; None (default): none.
   """
 
   vocab_size: int
@@ -155,13 +183,16 @@ class Llama(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  lora: dict | None = None
+  lm_head: bool = False
 
   def setup(self):
+    lora = check_lora(self.lora, LLAMA_LORA_TARGETS, "model.text.lora")
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ConfigError(f"llama: num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-    if self.pool not in ("eos", "mean"):
-      raise ConfigError(f"unknown llama pool {self.pool!r}; choose 'eos' or 'mean'")
+    if self.pool not in ("eos", "prompt_end", "mean"):
+      raise ConfigError(f"unknown llama pool {self.pool!r}; choose 'eos', 'prompt_end' or 'mean'")
     self.token_embed = nn.Embed(
       self.vocab_size,
       self.width,
@@ -180,15 +211,26 @@ class Llama(nn.Module):
         norm_eps=self.norm_eps,
         dropout=self.dropout,
         dtype=self.dtype,
+        lora=lora,
         name=f"block_{i}",
       )
       for i in range(self.depth)
     ]
     self.ln_final = RMSNorm(self.norm_eps, self.dtype)
+    if self.lm_head:
+      self.output_embed = self.param(
+        "lm_head", nn.initializers.normal(0.02), (self.vocab_size, self.width), PARAM_DTYPE
+      )
 
   def embedding_table(self) -> jax.Array:
     """The float32 token embedding table `[V, D]`."""
     return self.token_embed.embedding
+
+  def output_embedding_table(self) -> jax.Array:
+    """The float32 output codebook `[V, D]` (needs `lm_head=True`)."""
+    if not self.lm_head:
+      raise ConfigError("this llama tower has no output codebook: set model.text.lm_head=True")
+    return self.output_embed
 
   def __call__(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""

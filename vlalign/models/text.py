@@ -8,7 +8,7 @@ from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
 from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
 
-POOLS = ("first", "eos", "mean", "last")
+POOLS = ("first", "eos", "prompt_end", "mean", "last")
 
 
 def text_attention_mask(mask: jax.Array, causal: bool) -> jax.Array:
@@ -23,7 +23,9 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
   """`[B, L, D]` -> `[B, D]`.
 
   `first`: position 0 (the CLS token); `eos`: the last real token, index `sum(mask) - 1` (clipped
-  to 0 for an empty row), as CLIP pools; `mean`: the mean over real tokens (0 for an empty row);
+  to 0 for an empty row), as CLIP pools; `prompt_end`: the token before it, index `sum(mask) - 2`
+  (the last token of a prompt when the tokenizer appends an EOS); `mean`: the mean over real
+  tokens (0 for an empty row);
   `last`: the last position whatever the mask (SigLIP pads to a fixed length and pools there).
   """
   if pool == "first":
@@ -32,6 +34,9 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
     return tokens[:, -1]
   if pool == "eos":
     last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
+    return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
+  if pool == "prompt_end":
+    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 2, 0)
     return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
   if pool == "mean":
     weights = (mask > 0).astype(jnp.float32)[..., None]

@@ -33,6 +33,13 @@ full copy per device.
 
 `export_tower` writes a tower's parameters back in the family's Hugging Face layout
 (`model.safetensors` + `config.json`); importing that directory gives the same arrays bit for bit.
+
+A tower with LoRA adapters (`lora`, `vlalign/models/lora.py`) imports the checkpoint of its base
+architecture: the adapter parameters (`LORA_PARAM_PATTERN`) have no stored name and keep their
+fresh initialisation (B = 0: the tower starts as the checkpoint); every other parameter is placed
+and checked as without `lora`. On export the adapters are merged into the base kernels
+(`merge_lora`), so the directory is a plain checkpoint of the base architecture (no `lora` in
+`config.json`).
 """
 
 import contextlib
@@ -410,6 +417,8 @@ def _llama_tensors(tower: dict[str, Any]) -> Names:
     names[f"{ours}/ln_attn/scale"] = (f"{hf}.input_layernorm.weight", "copy")
     names[f"{ours}/ln_mlp/scale"] = (f"{hf}.post_attention_layernorm.weight", "copy")
   names["ln_final/scale"] = ("norm.weight", "copy")
+  if tower.get("lm_head"):  # `LlamaForCausalLM`'s output codebook, outside its `model.` prefix
+    names["lm_head"] = (TOP_LEVEL + "lm_head.weight", "copy")
   return names
 
 
@@ -880,6 +889,14 @@ def _shift_layers(family: Family, name: str, offset: int) -> str:
   return name[: match.start(1)] + str(int(match.group(1)) + offset) + name[match.end(1) :]
 
 
+TOP_LEVEL = "/"  # a stored name starting with it takes no family prefix (Llama's `lm_head.weight`)
+
+
+def with_prefix(prefix: str, name: str) -> str:
+  """`prefix + name`, or `name` without its `TOP_LEVEL` mark for a top-level tensor."""
+  return name[len(TOP_LEVEL) :] if name.startswith(TOP_LEVEL) else prefix + name
+
+
 def match_tensors(
   family: Family,
   tower: dict[str, Any],
@@ -900,7 +917,7 @@ def match_tensors(
     (p for p in family.prefixes if p + _shift_layers(family, first, start) in stored), ""
   )
   names = {
-    ours: (prefix + _shift_layers(family, name, start), layout)
+    ours: (with_prefix(prefix, _shift_layers(family, name, start)), layout)
     for ours, (name, layout) in names.items()
   }
   problems = []
@@ -951,8 +968,10 @@ def load_tower(
 
   `layers=(start, stop)` loads the stored layers start..stop-1 into the tower's `stop - start`
   blocks (BERT's lower layers as ALBEF's text encoder, its upper ones as the fusion encoder).
-  Parameters whose optional tensor the checkpoint lacks come back as None (keep their fresh
-  values)."""
+  Parameters whose optional tensor the checkpoint lacks, and a `lora` tower's adapters, come back
+  as None (keep their fresh values)."""
+  from vlalign.models.lora import is_lora_path  # noqa: PLC0415
+
   tower = with_defaults(tower)
   source = str(directory)
   hf_config = read_hf_config(directory)
@@ -964,12 +983,19 @@ def load_tower(
       raise ConfigError(f"{source}: layers {start}:{stop} are not within its {depth_field} layers")
     hf_config = {**hf_config, "num_hidden_layers": stop - start}
   check_architecture(family, tower, hf_config, where, source)
-  targets = {name: tuple(leaf.shape) for name, leaf in pytrees.named_leaves(abstract).items()}
+  adapter = lambda name: bool(tower.get("lora")) and is_lora_path(name)
+  targets = {
+    name: tuple(leaf.shape)
+    for name, leaf in pytrees.named_leaves(abstract).items()
+    if not adapter(name)
+  }
   with StoredTensors(weight_files(directory)) as stored:
     names = match_tensors(family, tower, stored.shapes(), targets, source, layers)
 
     def load(path, leaf):
       ours = pytrees.path_name(path)
+      if adapter(ours):  # a LoRA adapter: not in a Hugging Face checkpoint
+        return None
       name, layout = names[ours]
       if name not in stored:  # an optional tensor the checkpoint lacks
         return None
@@ -1101,14 +1127,23 @@ def export_tower(
 ) -> Any:
   """Writes `params` (the tower's sub-tree) as `model.safetensors` + `config.json` in
   `directory` (created), in the Hugging Face layout of the tower's family (`family_for_export`).
-  `extra_fields` go into `config.json` too (e.g. the tokenizer's special ids). Returns the
-  directory."""
+  `extra_fields` go into `config.json` too (e.g. the tokenizer's special ids). A tower with
+  `lora` is written with its adapters merged into the base kernels (`merge_lora`): a plain
+  checkpoint of the base architecture. Returns the directory."""
   from safetensors.numpy import save  # noqa: PLC0415
 
+  from vlalign.models.lora import merge_lora  # noqa: PLC0415
+
   tower = with_defaults(tower)
+  if tower.get("lora"):
+    params = merge_lora(jax.device_get(params), tower["lora"])
+    tower = {**tower, "lora": None}
   family = family_for_export(tower, where)
   prefix = family.prefixes[0]
-  names = {ours: (prefix + name, layout) for ours, (name, layout) in family.tensors(tower).items()}
+  names = {
+    ours: (with_prefix(prefix, name), layout)
+    for ours, (name, layout) in family.tensors(tower).items()
+  }
   flat = pytrees.named_leaves(params)
   missing = sorted(set(names) - set(flat))
   extra = sorted(set(flat) - set(names))
