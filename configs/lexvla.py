@@ -22,8 +22,8 @@ penalty by the FLOPs regulariser (the paper's Q(FLOPs) ablation).
   MLM decoder to it: its output codebook). The lexicon is the dataset's words plus every 20th
   whole-word token of the WordPiece vocabulary (1,140 words), so that the model must pick the
   right words among many.
-- `tiny`: a small Llama-kind LM with an output head, the word tokenizer and the prompt, LoRA,
-  everything random: seconds per step, for tests.
+- `tiny`: a small Llama-kind LM with an output head, the word tokenizer and the prompt, LoRA, the
+  dataset's words as lexicon, everything random: seconds per step, for tests.
 """
 
 import functools
@@ -102,6 +102,15 @@ def minilm_demo_lexicon() -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
+def shapes_lexicon() -> tuple[int, ...]:
+  """Token ids of the embedded dataset's words in its word tokenizer (no special tokens)."""
+  from vlalign.data import shapes  # noqa: PLC0415
+  from vlalign.data.tokenizer import WordTokenizer  # noqa: PLC0415
+
+  tokenizer = WordTokenizer(shapes.vocabulary())
+  return tuple(sorted({i for word in shapes.vocabulary() for i in tokenizer.token_ids(word)}))
+
+
 def lexical_evals(every_steps: int, threshold: float, topk=(16,)) -> dict:
   """Dense and sparsified retrieval (val periodically, test at the end), PatchDis, word
   precision and zero-shot classification."""
@@ -172,9 +181,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       lm_head=True,
       lora=dict(rank=4, alpha=8, dropout=0.0, targets=("query", "value", "up")),
     )
-    c.model.lexicon_ids = None
+    c.model.lexicon_ids = shapes_lexicon()
     c.losses = sparsity_losses(5e-4, 1e-3, warmup_steps=2, fn=fn)
-    threshold = 1 / math.sqrt(common.SHAPES_VOCAB_SIZE)
+    threshold = 1 / math.sqrt(len(c.model.lexicon_ids))
     c.evals = lexical_evals(every_steps=2, threshold=threshold, topk=(8,))
   elif base == "demo":
     c.total_steps = 600

@@ -228,3 +228,51 @@ def test_method_and_model_config_errors():
   config.model.name = "two_tower"
   with pytest.raises(ConfigError, match="lexvla"):
     trainer.build(config)
+
+
+def test_run_is_explained_and_its_lora_text_tower_exports_merged(tmp_path):
+  """A tiny run through the real trainer, then the user's commands on its workdir: `explain` writes
+  the JSON and the heat-map PNG; `export --tower=text` writes a plain Llama checkpoint (with its
+  output codebook) whose outputs equal the run's LoRA tower's."""
+  import json  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from configs import lexvla  # noqa: PLC0415
+  from vlalign import checkpoint as ckpt_lib  # noqa: PLC0415
+  from vlalign import explain, export, trainer  # noqa: PLC0415
+  from vlalign.models import build_tower  # noqa: PLC0415
+  from vlalign.weights import hf  # noqa: PLC0415
+
+  config = lexvla.get_config("tiny")
+  config.update(total_steps=3, checkpoint_every=3, evals={})
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+
+  json_path, png_path = explain.explain(config, workdir, str(tmp_path / "explain"), index=2, topk=5)
+  with open(json_path) as f:
+    record = json.load(f)
+  assert record["step"] == 3 and len(record["top_words"]) == 5
+  assert len(record["patches"]) == record["grid"] ** 2 == 16
+  with Image.open(png_path) as png:
+    assert png.format == "PNG" and png.size[0] > config.data.image_size
+
+  step, out = export.export(config, workdir, "text", str(tmp_path / "text"))
+  assert step == 3 and "lora" not in json.loads((out / hf.CONFIG_FILE).read_text())
+  setup = trainer.build(config)
+  _, params = ckpt_lib.restore_run_params(workdir, setup.abstract_state.params)
+  run_tower = config.model.text.to_dict()
+  lora_b = _params_at(params, "text_encoder/block_0/attn/query_lora/b")
+  assert np.abs(lora_b).max() > 0  # the adapters trained, so the merge matters
+  plain = {k: v for k, v in run_tower.items() if k != "lora"}
+  ids, mask = setup.tokenizer.encode_batch(["a red circle", "two blue stars left of a square"], 32)
+  abstract = jax.eval_shape(
+    lambda: build_tower(plain, "t").init(jax.random.PRNGKey(0), ids, mask)["params"]
+  )
+  merged = hf.load_tower(out, plain, abstract)
+  got = build_tower(plain, "t").apply({"params": merged}, ids, mask)["cls"]
+  want = build_tower(run_tower, "t").apply(
+    {"params": jax.device_get(params["params"]["text_encoder"])}, ids, mask
+  )["cls"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(merged["lm_head"], _params_at(params, "text_encoder/lm_head"))

@@ -299,12 +299,12 @@ def test_lexical_words_against_a_hand_count():
   # image 0: words {red, circle, picture}, top {a, red, square}: 1 hit
   # image 1: words {two, blue, squares, square, left}, top {blue, squares}: 2 hits
   # image 2: words {red, cross, left}, top {red, left}: 2 hits
-  assert got["precision@3"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 2 / 3) / 3)
-  assert got["recall@3"] == pytest.approx(100 * (1 / 3 + 2 / 5 + 2 / 3) / 3)
+  assert got["precision_at_3"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 2 / 3) / 3)
+  assert got["recall_at_3"] == pytest.approx(100 * (1 / 3 + 2 / 5 + 2 / 3) / 3)
   assert got["active"] == pytest.approx((4 + 2 + 2) / 3)
-  assert set(got) == {"precision@3", "recall@3", "active"}
+  assert set(got) == {"precision_at_3", "recall_at_3", "active"}
   ev.max_images, ev.num_images = 1, 1
-  assert ev.run(None)["precision@3"] == pytest.approx(100 / 3)
+  assert ev.run(None)["precision_at_3"] == pytest.approx(100 / 3)
 
 
 def test_lexical_words_on_the_split_with_a_model_that_reads_the_captions():
@@ -328,9 +328,9 @@ def test_lexical_words_on_the_split_with_a_model_that_reads_the_captions():
   evals = {"w": dict(type="lexical_words", split="val", k=2)}
   ev = evaluation.build_evaluators(evals, predict=predict, tokenizer=TOKENIZER, **_ctx_args())["w"]
   got = ev.run(None)
-  assert got["precision@2"] == 100.0 and got["recall@2"] < 100.0 and got["active"] > 2
+  assert got["precision_at_2"] == 100.0 and got["recall_at_2"] < 100.0 and got["active"] > 2
   ev.k = 40
-  assert ev.run(None)["recall@40"] == 100.0
+  assert ev.run(None)["recall_at_40"] == 100.0
   ev.k = len(lexicon_ids) + 1
   with pytest.raises(ConfigError, match="exceeds"):
     ev.run(None)

@@ -299,9 +299,10 @@ def test_build_evaluators_errors(monkeypatch):
   _fake_pipeline(monkeypatch)
   with pytest.raises(
     ValueError,
-    match=r"unknown type 'patchdis'.*\['codebook', 'retrieval', 'retrieval_itm', 'zeroshot'\]",
+    match=r"unknown type 'segmentation'.*\['codebook', 'lexical_retrieval', 'lexical_words', "
+    r"'patchdis', 'retrieval', 'retrieval_itm', 'zeroshot'\]",
   ):
-    _build({"p": {"type": "patchdis", "split": "val"}})
+    _build({"p": {"type": "segmentation", "split": "val"}})
   with pytest.raises(ValueError, match=r"unknown type None"):
     _build({"p": {"split": "val"}})
   with pytest.raises(ValueError, match=r"misses \['task'\]"):

@@ -38,17 +38,6 @@ from vlalign import cli
 from vlalign.errors import ConfigError, PathError
 from vlalign.evaluation.lexical import grid_side, upsample_grid
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file of the run.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/explain).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that reads).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split of the image (with --index).")
-_INDEX = flags.DEFINE_integer("index", 0, "Index of the image in --split.")
-_IMAGE = flags.DEFINE_string("image", None, "An image file to explain instead of a split's image.")
-_TOPK = flags.DEFINE_integer("topk", 10, "Words of the whole image listed in the JSON.")
-_MAPS = flags.DEFINE_integer("maps", 4, "Top words drawn as heat maps in the PNG.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 PATCH_WORDS = 3  # Words listed per patch.
 PANEL = 192  # Smallest side of a panel of the PNG in pixels (images are scaled by an integer).
 TITLE = 16  # Height of the title strip above each panel.
@@ -351,27 +340,38 @@ def explain(
   return str(json_path), str(png_path)
 
 
-def main(argv):
+def define_flags() -> dict[str, Any]:
+  """The command's flags, defined only when it runs as a program, so that importing this module
+  (tests, notebooks) never collides with another binary's `--config` / `--workdir`."""
+  defined = dict(
+    config=config_flags.DEFINE_config_file("config", None, "Config file of the run."),
+    workdir=flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/."),
+    out=flags.DEFINE_string("out", None, "Output directory (default: <workdir>/explain)."),
+    step=flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that reads)."),
+    split=flags.DEFINE_string("split", "test", "Split of the image (with --index)."),
+    index=flags.DEFINE_integer("index", 0, "Index of the image in --split."),
+    image=flags.DEFINE_string("image", None, "An image file to explain instead of a split's one."),
+    topk=flags.DEFINE_integer("topk", 10, "Words of the whole image listed in the JSON."),
+    maps=flags.DEFINE_integer("maps", 4, "Top words drawn as heat maps in the PNG."),
+  )
+  flags.mark_flags_as_required(["config", "workdir"])
+  return defined
+
+
+def main(argv, defined: dict[str, Any]):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
-  if _IMAGE.value is not None and (flags.FLAGS["split"].present or flags.FLAGS["index"].present):
+  value = {name: flag.value for name, flag in defined.items() if name != "config"}
+  if value["image"] is not None and (flags.FLAGS["split"].present or flags.FLAGS["index"].present):
     cli.fail("give either --image or --split/--index, not both")
-  config = cli.config_value(_CONFIG)
-  paths = explain(
-    config,
-    _WORKDIR.value,
-    _OUT.value,
-    split=_SPLIT.value,
-    index=_INDEX.value,
-    image=_IMAGE.value,
-    topk=_TOPK.value,
-    maps=_MAPS.value,
-    step=_STEP.value,
-  )
+  config = cli.config_value(defined["config"])
+  workdir, out = value.pop("workdir"), value.pop("out")
+  paths = explain(config, workdir, out, **value)
   for path in paths:
     logging.info("wrote %s", path)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _DEFINED = define_flags()
+  cli.run(lambda argv: main(argv, _DEFINED))

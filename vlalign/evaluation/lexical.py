@@ -46,9 +46,9 @@ tokenizer ids of all its captions' tokens except the special tokens (pad, cls, e
 the `ignore_words` (function words and punctuation; a word counts as ignored when it encodes to one
 token by itself). Metrics:
 
-* `precision@{k}`: percent of the `k` slots holding a caption word, `|top-k ids & words| / k`,
+* `precision_at_{k}`: percent of the `k` slots holding a caption word, `|top-k ids & words| / k`,
   averaged over images;
-* `recall@{k}`: percent of the caption words among the top-k, `|top-k ids & words| / |words|`,
+* `recall_at_{k}`: percent of the caption words among the top-k, `|top-k ids & words| / |words|`,
   averaged over the images with at least one caption word;
 * `active`: the mean number of non-zero entries of `lexical_image`.
 
@@ -579,7 +579,7 @@ class LexicalWordsEvaluator:
     self.num_images = len(source) if max_images is None else min(len(source), int(max_images))
 
   def run(self, params: Any, step: int | None = None) -> dict[str, float]:
-    """`{"precision@{k}", "recall@{k}" (percent), "active"}`."""
+    """`{"precision_at_{k}", "recall_at_{k}" (percent), "active"}`."""
     del step  # Writes no files.
     lexicon_ids = _lexicon(self._lexicon, params)
     if self.k > len(lexicon_ids):
@@ -599,8 +599,8 @@ class LexicalWordsEvaluator:
       recall.extend(h / len(w) for h, w in zip(hits, words) if w)
       active.append(np.sum(image_lex > 0, axis=1))
     return {
-      f"precision@{self.k}": float(100.0 * np.mean(np.concatenate(precision))),
-      f"recall@{self.k}": float(100.0 * np.mean(recall)) if recall else float("nan"),
+      f"precision_at_{self.k}": float(100.0 * np.mean(np.concatenate(precision))),
+      f"recall_at_{self.k}": float(100.0 * np.mean(recall)) if recall else float("nan"),
       "active": float(np.mean(np.concatenate(active))),
     }
 

@@ -4,8 +4,11 @@ LexVLA encodes images and captions as non-negative lexical vectors over a vocabu
 (`vlalign/models/lexical.py`). This evaluator encodes the split once with the method's prediction
 functions
 
-    lexical_image(params, images [B, H, W, 3]) -> [B, V]   (non-negative, not normalised)
+    lexical_image(params, images [B, H, W, 3]) -> [B, V]   (non-negative)
     lexical_text(params, ids [B, L], mask [B, L]) -> [B, V]
+
+(the `lexvla` method's are unit vectors, so a threshold of `1/sqrt(V)` is LexVLA's "above the
+uniform vector's entries"; any scale works, thresholds apply to the vectors as returned)
 
 and reports, in one `run`:
 
