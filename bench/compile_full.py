@@ -18,12 +18,21 @@ from vlalign import trainer
 _CONFIGS = flags.DEFINE_list("configs", ["albef", "tcl"], "Config modules under configs/.")
 _VARIANT = flags.DEFINE_string("variant", "full", "Config variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch override; 0 keeps the config's.")
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer_path",
+  None,
+  "Replaces data.tokenizer_path (e.g. an `hf:` one that cannot be fetched offline) by a local "
+  "tokenizer of the same kind: the compiled step depends on the model's vocabulary size, not on "
+  "the tokenizer's (e.g. tests/fixtures/tiny_spm/tokenizer.model for Llama 2's).",
+)
 
 
 def main(argv):
   del argv
   for name in _CONFIGS.value:
     config = importlib.import_module(f"configs.{name}").get_config(_VARIANT.value)
+    if _TOKENIZER.value:
+      config.data.tokenizer_path = _TOKENIZER.value
     if _BATCH.value:
       config.batch_size = _BATCH.value
       if "teacher" in config:

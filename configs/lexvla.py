@@ -2,8 +2,9 @@
 
 Li et al., "Unified Lexical Representation for Interpretable Visual-Language Alignment", NeurIPS
 2024 (no public code; what the paper fixes and what is our choice: docs/methods.md, "LexVLA").
-`--config=configs/lexvla.py:tiny|demo|full|demo_flops|...`; a `_flops` suffix replaces the overuse
-penalty by the FLOPs regulariser (the paper's Q(FLOPs) ablation).
+`--config=configs/lexvla.py:tiny|demo|full` with optional suffixes: `_flops` replaces the overuse
+penalty by the FLOPs regulariser (the paper's Q(FLOPs) ablation); `_textfrozen` freezes the whole
+text tower, LoRA off (`lexvla.freeze_text=True`): the text vectors stay the language model's own.
 
 - `full`: the paper's model. DINOv2 ViT-B/14 frozen, with a trainable adapter (one transformer
   block), mapper and visual codebook; Llama 2 7B with LoRA (rank 8 on all seven projections: the
@@ -42,6 +43,7 @@ LLAMA2_7B = "hf:meta-llama/Llama-2-7b-hf"
 DINOV2_BASE = "hf:facebook/dinov2-base"
 LORA_ALL = ("query", "key", "value", "out", "gate", "up", "down")
 CLIP_DEMO_WORKDIR = "workdirs/clip_demo"
+OPTIONS = ("flops", "textfrozen")  # variant suffixes: `demo_flops`, `demo_textfrozen`, ...
 DEMO_DISTRACTOR_EVERY = 20  # every 20th whole-word WordPiece token joins the demo lexicon
 
 
@@ -142,14 +144,17 @@ def sparsity_losses(
 
 
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
-  base, _, regulariser = variant.partition("_")
-  if regulariser not in ("", "flops"):
-    raise ValueError(f"unknown lexvla variant {variant!r}; e.g. demo, demo_flops, full, tiny")
+  base, *options = variant.split("_")
+  if not set(options) <= set(OPTIONS):
+    raise ValueError(
+      f"unknown lexvla variant {variant!r}: tiny, demo or full, optionally with suffixes "
+      f"{['_' + o for o in OPTIONS]} (e.g. demo_flops)"
+    )
   c = common.base_config(base)
   c.name = f"lexvla_{variant}"
   c.variant = variant
   c.method = "lexvla"
-  c.lexvla = dict(freeze_image=True, freeze_text="lora")
+  c.lexvla = dict(freeze_image=True, freeze_text=True if "textfrozen" in options else "lora")
   c.model = dict(
     name="lexvla",
     dtype="float32",
@@ -160,7 +165,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     remat=False,
   )
   c.optim.update(weight_decay=0.0, b2=0.999, eps=1e-8)  # Adam, as the paper
-  fn = regulariser or "overuse"
+  fn = "flops" if "flops" in options else "overuse"
 
   if base == "tiny":
     common.tiny_two_tower(c)

@@ -8,7 +8,8 @@ vectors plus the `overuse` penalty per modality (or `flops`, the ablation), with
 quadratically (`weight_schedule`; `vlalign/losses/lexical.py`).
 
 This method adds to the two-tower one: the frozen sub-trees, lexical statistics in the train log
-(`lexical/<img|txt>_active`: entries above `1/sqrt(V)`, LexVLA's inference threshold), and the
+(`lexical/<img|txt>_active`: entries above `1/sqrt(V)`, LexVLA's inference threshold, and
+`lexical/<img|txt>_sparsity`: the percent of entries at or below it), and the
 prediction functions of the lexical evaluators (`lexical_retrieval`, `patchdis`,
 `lexical_words`) and of `python -m vlalign.explain`.
 
@@ -80,10 +81,13 @@ class LexVLA(Method):
     self, ctx: LossContext, outputs: Outputs, extras: dict[str, Any]
   ) -> dict[str, jax.Array]:
     del ctx, extras
-    return {
-      "lexical/img_active": active_words(outputs["img/lex"]),
-      "lexical/txt_active": active_words(outputs["txt/lex"]),
-    }
+    metrics = {}
+    for modality in ("img", "txt"):
+      lex = outputs[f"{modality}/lex"]
+      active = active_words(lex)
+      metrics[f"lexical/{modality}_active"] = active
+      metrics[f"lexical/{modality}_sparsity"] = 100.0 * (1.0 - active / lex.shape[-1])
+    return metrics
 
   def predict_fns(self) -> dict[str, Callable[..., Any]]:
     """The two-tower functions (unit lexical vectors as embeddings) plus
