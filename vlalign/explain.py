@@ -13,8 +13,8 @@ a square and resized to `data.image_size`), and writes (`<name>` = `<split><inde
   first, each `{entry, id, word, score}`), `patches` (row-major, each `{row, col, words}` with the
   patch's 3 highest positive entries) and `maps` (the words drawn in the PNG);
 * `DIR/explain_<name>.png`: the image, then for each of the `--maps` top words the per-patch score
-  of that word upsampled bilinearly to the image, scaled by its maximum and blended over the image,
-  titled with the word and that maximum.
+  of that word upsampled bilinearly to the image, stretched from its minimum to its maximum over
+  the image and blended over it, titled with the word and that maximum.
 
 `--out` defaults to `<workdir>/explain`. It only reads the checkpoints, like the eval binary, and
 needs a config whose method has lexical representations (prediction functions `lexical_patches`,
@@ -153,8 +153,10 @@ def heatmap_png(image: np.ndarray, patch_scores: np.ndarray, words: Sequence[str
   """A row of panels as PNG bytes: the image, then one heat map per word.
 
   Each map is the word's per-patch score upsampled bilinearly to the image (`upsample_grid`),
-  divided by its maximum (a map without positive scores stays cold) and blended over the image;
-  its title is the word and the maximum score. The size is `png_size(S, M)`.
+  stretched from its minimum (cold) to its maximum (hot) over the image (a flat map stays cold:
+  `elu1p` scores are positive everywhere, so dividing by the maximum alone would paint the whole
+  image warm) and blended over it; its title is the word and the maximum score. The size is
+  `png_size(S, M)`.
 
   Args:
     image: `[S, S, 3]` uint8.
@@ -173,11 +175,13 @@ def heatmap_png(image: np.ndarray, patch_scores: np.ndarray, words: Sequence[str
   grid = grid_side(scores.shape[1])
   maps = upsample_grid(scores.T.reshape(1, grid, grid, len(scores)), size)[0]  # [S, S, M]
   peaks = np.maximum(scores.max(axis=1), 0.0)
+  floors = np.minimum(scores.min(axis=1), peaks)
   canvas = Image.new("RGB", png_size(size, len(words)), "white")
   draw = ImageDraw.Draw(canvas)
   panels = [("image", image)]
   for m, word in enumerate(words):
-    heat = maps[..., m] / peaks[m] if peaks[m] > 0 else np.zeros((size, size), np.float32)
+    spread = peaks[m] - floors[m]
+    heat = (maps[..., m] - floors[m]) / spread if spread > 0 else np.zeros((size, size), np.float32)
     panels.append((f"{word} {peaks[m]:.3f}", blend_heat(image, heat)))
   max_chars = max(1, side // 6)
   for i, (title, pixels) in enumerate(panels):
