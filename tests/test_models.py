@@ -415,7 +415,7 @@ def test_model_remat_flag_reaches_the_blocks():
 
 def test_unknown_model_name_and_tower_kind_and_tower_field_raise():
   with pytest.raises(
-    ValueError, match=r"unknown model 'clip2'; registered: \['albef', 'two_tower'\]"
+    ValueError, match=r"unknown model 'clip2'; registered: \['albef', 'lexvla', 'two_tower'\]"
   ):
     build_model(model_config(name="clip2"))
   batch = make_batch()
