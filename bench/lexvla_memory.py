@@ -23,6 +23,7 @@ from configs import lexvla
 from vlalign import trainer
 
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 2, "Pairs per device.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "mesh.fsdp (parameters and optimizer state split over it).")
 _TOKENIZER = flags.DEFINE_string(
   "tokenizer_path",
   "tests/fixtures/tiny_spm/tokenizer.model",
@@ -37,6 +38,7 @@ def compiled_memory(image_depth: int, text_depth: int) -> tuple[dict[str, float]
   config = lexvla.get_config("full")
   config.data.tokenizer_path = _TOKENIZER.value
   config.batch_size = _PER_DEVICE.value * jax.device_count()
+  config.mesh = dict(data=-1, fsdp=_FSDP.value)
   config.model.image.depth = image_depth
   config.model.text.depth = text_depth
   start = time.perf_counter()
@@ -55,7 +57,7 @@ def main(argv):
   image_layers, text_layers = REAL_DEPTHS[0] - 1, REAL_DEPTHS[1] - 1
   print(
     f"estimate at depths {REAL_DEPTHS}, {_PER_DEVICE.value} pairs per device, "
-    f"{jax.device_count()} devices (per device MiB):"
+    f"{jax.device_count()} devices, fsdp {_FSDP.value} (per device MiB):"
   )
   for key, value in base.items():
     estimate = (

@@ -226,6 +226,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.optim.update(lr=5e-4, warmup_steps=500)
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    # Llama 2 7B's float32 weights (25 GiB) split over 8 devices rather than replicated
+    # (bench/lexvla_memory.py: 3.5 GiB of arguments per device instead of 27).
+    c.mesh = dict(data=-1, fsdp=8)
     c.data = common.shapes_data(image_size=224, max_len=96)
     c.data.update(tokenizer="sentencepiece", tokenizer_path=LLAMA2_7B, text_template=PAPER_PROMPT)
     c.model.image = dinov2_base(224)
