@@ -47,12 +47,17 @@ def overuse_penalty(lex: jax.Array, eps: float = 1e-12) -> jax.Array:
   return lex.shape[-1] * jnp.sum(share * jnp.square(mean))
 
 
-def lexical_stats(lex: jax.Array) -> Metrics:
-  """`active` (mean entries > 1/sqrt(V) per row of unit rows lex `[B, V]`) and `max_share`."""
+def active_words(lex: jax.Array) -> jax.Array:
+  """Mean number of entries above `1/sqrt(V)` per row of unit rows lex `[B, V]`, `[]` float32."""
   threshold = 1.0 / jnp.sqrt(jnp.float32(lex.shape[-1]))
+  return jnp.mean(jnp.sum(lex > threshold, axis=-1).astype(jnp.float32))
+
+
+def lexical_stats(lex: jax.Array) -> Metrics:
+  """`active` (`active_words`) and `max_share` of unit rows lex `[B, V]`."""
   mean = mean_activation(lex)
   return {
-    "active": jnp.mean(jnp.sum(lex > threshold, axis=-1).astype(jnp.float32)),
+    "active": active_words(lex),
     "max_share": jnp.max(mean) / jnp.maximum(jnp.sum(mean), 1e-12),
   }
 

@@ -22,22 +22,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.losses import LossContext
+from vlalign.losses.lexical import active_words
 from vlalign.methods import register
 from vlalign.methods.base import Method, Outputs, check_section
 
 DEFAULTS = dict(freeze_image=True, freeze_text="lora")
 # Every text-tower parameter except the LoRA adapters (`<projection>_lora/{a,b}`).
 TEXT_BASE_PATTERN = "text_encoder/(?!.*_lora/).*"
-
-
-def active_words(lex: jax.Array) -> jax.Array:
-  """Mean number of entries above `1/sqrt(V)` per row of unit rows lex `[B, V]`, `[]` float32."""
-  threshold = 1.0 / jnp.sqrt(jnp.float32(lex.shape[-1]))
-  return jnp.mean(jnp.sum(lex > threshold, axis=-1).astype(jnp.float32))
 
 
 @register("lexvla")
