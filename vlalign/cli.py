@@ -111,13 +111,19 @@ def _is_closed_loop_noise(exc_type: type, exc: BaseException | None) -> bool:
 
 
 def _quiet_closed_loop_noise() -> None:
-  default_excepthook = sys.excepthook
+  """Filters that noise from both ways Python reports it: `sys.excepthook` and, for an exception
+  raised in a callback TensorStore runs from its own thread, `sys.unraisablehook`."""
+  default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
 
   def excepthook(exc_type, exc, tb):
     if not _is_closed_loop_noise(exc_type, exc):
       default_excepthook(exc_type, exc, tb)
 
-  sys.excepthook = excepthook
+  def unraisablehook(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+      default_unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
