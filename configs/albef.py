@@ -167,5 +167,6 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
   return c
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   return albef_config(variant, "albef")

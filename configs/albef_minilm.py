@@ -13,7 +13,7 @@ for TCL (`with_minilm(configs.tcl.get_config(...))`).
 
 import ml_collections
 
-from configs import albef, lit
+from configs import albef, common, lit
 
 
 def with_minilm(
@@ -36,6 +36,7 @@ def with_minilm(
   return c
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   c = albef.get_config(variant)
   if variant == "tiny":  # one text and one fusion layer of MiniLM keep the test compile short

@@ -42,6 +42,7 @@ def finetune_from(c: ml_collections.ConfigDict, path: str) -> ml_collections.Con
   return c
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   if variant == "finetune":
     # Fine-tuning the released model at the full config's sizes: a starting point (learning rate

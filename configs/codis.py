@@ -15,7 +15,7 @@ without the codebook terms.
 
 import ml_collections
 
-from configs import albef
+from configs import albef, common
 
 # Codebook sizes per variant: "a few thousand" centres at full scale; the demo data has 8 colours,
 # 6 shapes and a few relations, so 64 centres can all find a use.
@@ -23,6 +23,7 @@ CODEBOOK_SIZE = {"tiny": 16, "demo": 64, "full": 4096}
 CODE_TERMS = ("code_distill", "code_contrast", "code_intra")
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   c = albef.albef_config(variant, "codis")
   c.method = "codis"

@@ -5,6 +5,9 @@ Each method's config file composes these and overrides what its recipe changes. 
 published recipe's fields).
 """
 
+import functools
+from collections.abc import Callable
+
 import ml_collections
 
 # Transformer sizes (width, depth, heads, mlp_dim), as in ViT / BERT / CLIP.
@@ -118,3 +121,75 @@ def tiny_two_tower(c: ml_collections.ConfigDict) -> None:
   c.model.text = text_tower("mu", SHAPES_VOCAB_SIZE, max_len=24)
   c.model.embed_dim = 32
   c.evals = retrieval_and_zeroshot_evals(every_steps=2)
+
+
+# Evaluator types that run on any captioned image split; the others (zero-shot shape/colour,
+# PatchDis, word precision) need the embedded data's labels and masks.
+FILE_EVAL_TYPES = ("retrieval", "retrieval_itm", "lexical_retrieval", "codebook")
+DATA_SUFFIXES = ("files", "4m")
+
+# ALBEF's 4M pre-training files and its COCO / Flickr30k retrieval files (names as released in
+# salesforce/ALBEF's data.tar.gz); `{name}` is `data.paths.name`, set on the command line.
+ALBEF_4M = (
+  ("coco.json", "coco"),
+  ("vg.json", "vg"),
+  ("cc3m_train.json", "cc3m"),
+  ("sbu.json", "sbu"),
+)
+
+
+def _albef_file(ann: str, root: str) -> dict:
+  return dict(format="albef_json", ann="{ann}/" + ann, image_root="{" + root + "}")
+
+
+def files_data(data: dict, layout: str) -> dict:
+  """`data` (a shapes data config) reading files instead, same image size, length, tokenizer and
+  augmentation (`vlalign/data/files.py`, "Train on your data" in the README).
+
+  layout "files": the embedded data as `python -m vlalign.data.shapes_to_files` writes it, under
+  `data.paths.root`. layout "4m": ALBEF's 4M mixture (COCO + VG + CC3M + SBU, concatenated) with
+  COCO's 5k val/test and Flickr30k's 1k test, under `data.paths.{ann, coco, vg, cc3m, sbu,
+  flickr}`.
+  """
+  data = {k: v for k, v in data.items() if not k.endswith("_size") or k == "image_size"}
+  data.update(name="files", resize="squash", decoder="pil", num_threads=8)
+  if layout == "files":
+    data["paths"] = dict(root="")
+    for split in ("train", "val", "test"):
+      data[split] = dict(format="albef_json", ann="{root}/" + f"{split}.json", image_root="{root}")
+    return data
+  data["paths"] = dict(ann="", coco="", vg="", cc3m="", sbu="", flickr="")
+  data["train"] = dict(mixture=[_albef_file(ann, root) for ann, root in ALBEF_4M])
+  data["val"] = _albef_file("coco_val.json", "coco")
+  data["test"] = _albef_file("coco_test.json", "coco")
+  data["flickr_test"] = _albef_file("flickr30k_test.json", "flickr")
+  return data
+
+
+def file_evals(evals: dict, layout: str) -> dict:
+  """The evaluators of `evals` that run on files; with layout "4m" each test one also on
+  Flickr30k's test split."""
+  kept = {name: dict(e) for name, e in evals.items() if e["type"] in FILE_EVAL_TYPES}
+  if layout == "4m":
+    for name, e in list(kept.items()):
+      if e.get("split") == "test":
+        kept[f"{name}_flickr"] = dict(e, split="flickr_test")
+  return kept
+
+
+def with_data_suffixes(get_config: Callable[[str], ml_collections.ConfigDict]):
+  """Adds the variants `<variant>_files` and `<variant>_4m` (`files_data`) to a config file's
+  `get_config`: the same run reading the embedded data exported to files, or ALBEF's 4M."""
+
+  @functools.wraps(get_config)
+  def wrapped(variant: str = "demo") -> ml_collections.ConfigDict:
+    base, _, suffix = variant.rpartition("_")
+    if suffix not in DATA_SUFFIXES:
+      return get_config(variant)
+    c = get_config(base)
+    c.name, c.variant = f"{c.name}_{suffix}", variant
+    c.data = files_data(c.data.to_dict(), suffix)
+    c.evals = file_evals(c.evals.to_dict(), suffix)
+    return c
+
+  return wrapped

@@ -143,6 +143,7 @@ def sparsity_losses(
   )
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   base, *options = variant.split("_")
   if not set(options) <= set(OPTIONS):

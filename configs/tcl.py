@@ -13,9 +13,10 @@ momentum 0.995, alpha 0.4, optimizer, schedule) is the ALBEF recipe, which TCL k
 
 import ml_collections
 
-from configs import albef
+from configs import albef, common
 
 
+@common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   c = albef.albef_config(variant, "tcl")
   c.teacher.image_key = "image_aug"

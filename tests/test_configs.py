@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from vlalign import trainer
-from vlalign.errors import PathError
+from vlalign.errors import ConfigError, PathError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -127,4 +127,49 @@ def test_finetune_configs_name_the_released_weights(name, repo):
   paths = {entry.path for entry in config.init.values()} | {config.data.tokenizer_path}
   assert paths == {f"hf:{repo}"}
   with pytest.raises(PathError, match=repo):
+    trainer.build(config)
+
+
+@pytest.fixture(scope="module")
+def shapes_files(tmp_path_factory):
+  """The embedded data written as ALBEF JSON + JPEG (the `_files` variants' layout)."""
+  from vlalign.data import shapes_to_files  # noqa: PLC0415
+
+  root = str(tmp_path_factory.mktemp("shapes_files"))
+  shapes_to_files.write(root, "albef_json", {"train": 64, "val": 32, "test": 32}, image_size=32)
+  return root
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_files_variants_build_on_files_and_name_the_missing_path(name, shapes_files):
+  """`<variant>_files` reads the exported embedded data from `data.paths.root`; without the path
+  building stops naming the field to set. (Training through it: tests/test_files.py.)"""
+  config = _config(name, "tiny_files")
+  assert config.name == f"{name}_tiny_files" and config.data.name == "files"
+  with pytest.raises(ConfigError, match="data.paths.root is not set"):
+    trainer.build(config)
+  config.data.paths.root = shapes_files
+  config.batch_size = 16
+  setup = trainer.build(config)
+  assert jax.tree.leaves(setup.abstract_state.params)
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_4m_variants_name_every_path_they_need(name, tmp_path):
+  """`full_4m` trains on ALBEF's 4M mixture and tests on COCO and Flickr30k: unset paths and
+  missing files stop the run with the field or file named, never a stand-in."""
+  config = _offline(_config(name, "full_4m"))
+  assert [s["image_root"] for s in config.data.train.mixture] == [
+    "{coco}",
+    "{vg}",
+    "{cc3m}",
+    "{sbu}",
+  ]
+  assert config.data.flickr_test.ann == "{ann}/flickr30k_test.json"
+  assert any(e.split == "flickr_test" for e in config.evals.values())
+  config.init = {}  # the published weights are checked by the tests above
+  with pytest.raises(ConfigError, match="data.paths.ann is not set"):
+    trainer.build(config)
+  config.data.paths.update({k: str(tmp_path) for k in config.data.paths})
+  with pytest.raises(PathError, match="coco.json does not exist"):
     trainer.build(config)

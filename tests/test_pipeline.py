@@ -51,7 +51,8 @@ def _reference_normalize(image: np.ndarray) -> np.ndarray:
 
 def test_batches_have_the_contract_shapes_and_match_the_source():
   batch = next(iter(_train(batch=8)))
-  assert batch.keys() == {"image", "text_ids", "text_mask", "image_id"}
+  assert batch.keys() == {"image", "text_ids", "text_mask", "image_id", pipeline.SKIPPED_KEY}
+  assert batch[pipeline.SKIPPED_KEY].tolist() == [0] * 8  # the embedded data has no bad example
   assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   assert batch["text_ids"].shape == batch["text_mask"].shape == (8, MAX_LEN)
   assert batch["text_ids"].dtype == batch["text_mask"].dtype == np.int32
@@ -221,7 +222,7 @@ def test_train_batch_keys():
 
 def test_two_views_have_the_contract_shapes_and_differ():
   batch = next(iter(_train(_two_views(), batch=8)))
-  assert batch.keys() == set(pipeline.train_batch_keys(_two_views()))
+  assert batch.keys() == {*pipeline.train_batch_keys(_two_views()), pipeline.SKIPPED_KEY}
   for key in ("image", "image_aug"):
     assert batch[key].shape == (8, SIZE, SIZE, 3) and batch[key].dtype == np.float32
     assert np.all(np.isfinite(batch[key]))

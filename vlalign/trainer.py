@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vlalign import checkpoint as ckpt_lib
 from vlalign import errors, evaluation, optim, pytrees, registry, sharding, weights
@@ -267,6 +268,15 @@ def check_batch(local: dict[str, np.ndarray], spec: dict[str, Any]) -> None:
     if got is None or tuple(got.shape) != (per_process, *want.shape[1:]) or got.dtype != want.dtype:
       desc = None if got is None else (tuple(got.shape), str(got.dtype))
       raise ValueError(f"input batch[{key!r}] is {desc}, the step expects {want} per process")
+
+
+def skipped_examples(counts: np.ndarray | None) -> float:
+  """Train examples dropped so far (unreadable images, empty captions) over all processes, from
+  this process's batch counts `[b]` (`pipeline.SKIPPED_KEY`; the last is the newest)."""
+  local = 0 if counts is None or len(counts) == 0 else int(np.max(counts))
+  if jax.process_count() == 1:
+    return float(local)
+  return float(np.sum(multihost_utils.process_allgather(np.int64(local))))
 
 
 def build_evaluators(setup: Setup, output_dir: Any = None) -> dict[str, Any]:
@@ -551,6 +561,7 @@ def _train_loop(setup, workdir, tag, ckpt, data_iter, state, step) -> dict[str, 
     with _StopSignals() as stop, jax.set_mesh(mesh):
       while step < total:
         local = next(data_iter)
+        skipped = local.pop(pipeline.SKIPPED_KEY, None)
         if step == start_step:
           check_batch(local, setup.spec)
         batch = pipeline.to_global_batch(local, batch_sharding)
@@ -564,6 +575,7 @@ def _train_loop(setup, workdir, tag, ckpt, data_iter, state, step) -> dict[str, 
           last_checked = step
           if step % log_every == 0 or step == total:
             host.update({f"perf/{k}": v for k, v in progress.update(step).items()})
+            host["data/skipped"] = skipped_examples(skipped)
             writer.write(step, host)
             logging.info(metrics_lib.progress_line(step, total, host))
             final_metrics.update(host)

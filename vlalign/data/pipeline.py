@@ -1,9 +1,15 @@
-"""Input pipelines: the per-process Grain train iterator, eval arrays, and global batches.
+"""Input pipelines: the per-process Grain train iterator, eval data, and global batches.
 
-`data_config` (`config.data`, an `ml_collections.ConfigDict` or a dict) fields: `name` ("shapes"),
-`image_size`, `max_len`, `tokenizer`, `train_size` / `val_size` / `test_size` (None = the dataset's
-default), `seed` (which images the dataset holds), `num_threads` (Grain read threads, default 0) and
-optionally `prefetch_buffer_size` (default 0 without threads, 4 batches with). Train-only fields:
+`data_config` (`config.data`, an `ml_collections.ConfigDict` or a dict) fields: `name` ("shapes":
+the embedded data, or "files": datasets on disk), `image_size`, `max_len`, `tokenizer`, `seed`,
+`num_threads` (Grain read threads, default 0) and optionally `prefetch_buffer_size` (examples;
+default 0 without threads, 4 batches with). For "shapes": `train_size` / `val_size` / `test_size`
+(None = the dataset's default) and `seed` (which images the dataset holds). For "files": one
+source spec per split used (`train`, `val`, `test`, or any name an evaluator's `split` gives; see
+`vlalign.data.files`), `paths` (`{name: path}` substituted for `{name}` in the specs' strings, so a
+command line sets `--config.data.paths.coco=/data/coco`), `resize` ("squash" / "center_crop"),
+`decoder` ("pil" / "simplejpeg") and `eval_threads` (decoding threads of evaluation images, 8).
+Train-only fields:
 
 - `augment`: None / absent (train images unchanged) or a dict for `augment.build_augment`, e.g.
   `dict(name="tcl")`; its `image_size` defaults to `image_size` and must equal it.
@@ -14,19 +20,34 @@ optionally `prefetch_buffer_size` (default 0 without threads, 4 batches with). T
   draw with 1 or 2 views. `train_batch_keys` gives the batch keys.
 
 Train order: source -> this process's shard `[process_index::process_count]` -> shuffle -> repeat
-forever -> random maps (caption, then view 2, then view 1) -> tokenise -> batch -> normalise.
+forever -> random maps (caption, then view 2, then view 1) -> tokenise -> (read threads) -> drop
+unreadable examples, counting them -> batch -> normalise. A `Mixture` shards, shuffles and repeats
+each source on its own seed and mixes the infinite streams by weight (Grain's `MapDataset.mix`).
 Grain's `MapDataset.shuffle` uses the seed `seed + epoch` for each epoch of the repeated index
 space and every random map has its own seed and is keyed by the element's position in the repeated
 dataset, so every epoch has a new order and new random choices, all reproducible from `seed`. The
 iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()` and
-`grain.checkpoint.CheckpointSave` work on it.
+`grain.checkpoint.CheckpointSave` work on it; the state holds the count of dropped examples, so a
+resumed run continues the same stream with the same count.
+
+Bad data: a file source flags an example it cannot use (missing, truncated or undecodable image,
+no caption) with `valid = 0`; `DropInvalid` drops it before batching, so batches stay full and
+later examples keep their place in the stream. Every batch carries `SKIPPED_KEY` (the count so
+far), which the trainer logs as `data/skipped` and keeps out of the step.
+
+Evaluation: `make_eval_data` of a file split tokenises the captions (any number per image) up
+front and decodes images batch by batch (`ImageRows`), so host memory holds one batch of pixels
+and the `[N, E]` embeddings, whatever the split's size.
 """
 
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from absl import logging
 
 from vlalign.data import augment, shapes
 from vlalign.data import transforms as T
@@ -40,11 +61,93 @@ def _field(data_config: Any, name: str, default: Any = None) -> Any:
   return data_config.get(name, default)
 
 
-def make_source(data_config: Any, split: str) -> shapes.ShapesSource:
-  """The random-access source of `split` described by `data_config`."""
+DATASETS = ("shapes", "files")
+# Batch key of the number of examples this process's stream has dropped so far (unreadable images,
+# empty captions); the trainer logs it as `data/skipped` and keeps it out of the step.
+SKIPPED_KEY = "data_skipped"
+# A stream that drops this many examples in a row stops with an error instead of spinning.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+class Mixture:
+  """Several train sources drawn in proportion to `weights` (one stream; see `make_train_dataset`).
+
+  Attributes:
+    sources: the component sources.
+    weights: one positive float per source (default: the sources' sizes, i.e. concatenation).
+  """
+
+  def __init__(self, sources: list, weights: list[float] | None = None):
+    if not sources:
+      raise ConfigError("a mixture needs at least one source")
+    weights = [float(len(s)) for s in sources] if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sources) or min(weights) <= 0:
+      raise ConfigError(
+        f"mixture weights {weights} must be one positive number per source ({len(sources)})"
+      )
+    self.sources, self.weights = list(sources), weights
+
+  def __len__(self) -> int:
+    return sum(len(s) for s in self.sources)
+
+  def __repr__(self) -> str:
+    return f"Mixture({self.sources}, weights={self.weights})"
+
+
+def resolve_paths(value: Any, paths: dict, where: str) -> Any:
+  """`value` (a spec: nested dicts, lists, strings) with every `{name}` in its strings replaced
+  by `paths[name]` (`data.paths`); a placeholder whose path is unset is a ConfigError."""
+  if isinstance(value, str):
+    for name in re.findall(r"\{(\w+)\}", value):
+      if not paths.get(name):
+        raise ConfigError(
+          f"data.paths.{name} is not set; {where} needs it ({value!r}): pass "
+          f"--config.data.paths.{name}=/path/to/it"
+        )
+    return re.sub(r"\{(\w+)\}", lambda m: str(paths[m.group(1)]), value)
+  if hasattr(value, "items"):
+    return {k: resolve_paths(v, paths, f"{where}.{k}") for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [resolve_paths(v, paths, f"{where}[{i}]") for i, v in enumerate(value)]
+  return value
+
+
+def _files_source(data_config: Any, split: str) -> Any:
+  """The `data.name = "files"` source of `split` (`data.<split>`: a spec or a mixture)."""
+  from vlalign.data import files  # Imported here: the embedded data needs no file readers.
+
+  spec = _field(data_config, split)
+  if not spec:
+    raise ConfigError(
+      f"data.{split} is not set: with data.name='files' each split used is a source spec, e.g. "
+      f"dict(format='albef_json', ann='coco_{split}.json', image_root='/data/coco') "
+      "(vlalign/data/files.py)"
+    )
+  paths = _field(data_config, "paths") or {}
+  spec = resolve_paths(spec, dict(paths.items()), f"data.{split}")
+  options = files.ImageOptions(
+    size=int(data_config["image_size"]),
+    resize=str(_field(data_config, "resize", "squash")),
+    decoder=str(_field(data_config, "decoder", "pil")),
+  )
+  if "mixture" not in spec:
+    return files.make_source(spec, options)
+  if split != "train":
+    raise ConfigError(f"data.{split} is a mixture; only the train split can be one")
+  weights = spec.get("weights")
+  return Mixture(
+    [files.make_source(s, options) for s in spec["mixture"]], weights and list(weights)
+  )
+
+
+def make_source(data_config: Any, split: str) -> Any:
+  """The random-access source of `split` described by `data_config` (a `Mixture` for a mixed
+  train split)."""
   name = _field(data_config, "name", "shapes")
+  if name == "files":
+    return _files_source(data_config, split)
   if name != "shapes":
-    raise ConfigError(f"unknown dataset {name!r}; available: ['shapes']")
+    raise ConfigError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
   return shapes.ShapesSource(
     split,
     num_examples=_field(data_config, f"{split}_size"),
@@ -56,6 +159,12 @@ def make_source(data_config: Any, split: str) -> shapes.ShapesSource:
 def split_size(data_config: Any, split: str) -> int:
   """Number of examples (images) of `split`, without loading them; ConfigError if it is empty."""
   return len(make_source(data_config, split))
+
+
+def _captions_of(source: Any, index: int) -> tuple[str, ...]:
+  """The captions of example `index`, without decoding its image where the source allows."""
+  captions_of = getattr(source, "captions_of", None)
+  return tuple(captions_of(index)) if captions_of else tuple(source[index]["captions"])
 
 
 def check_train_split(data_config: Any, global_batch_size: int, process_count: int) -> None:
@@ -76,7 +185,9 @@ def truncated_fraction(
   """`(fraction, longest)`: the fraction of the captions of the first `sample` examples of `split`
   that `data.max_len` cuts, and the longest one's length in tokens ([CLS] and [EOS] included)."""
   source = make_source(data_config, split)
-  captions = [c for i in range(min(sample, len(source))) for c in source[i]["captions"]]
+  source = source.sources[0] if isinstance(source, Mixture) else source
+  captions = [c for i in range(min(sample, len(source))) for c in _captions_of(source, i)]
+  captions = captions or [""]
   _, mask = tokenizer.encode_batch(captions, 1024)
   lengths = np.asarray(mask).sum(axis=1)
   return float(np.mean(lengths > int(data_config["max_len"]))), int(lengths.max())
@@ -208,19 +319,9 @@ def make_train_dataset(
       f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
     )
   local_batch = global_batch_size // process_count
-  source = make_source(data_config, "train")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:
-    raise ConfigError(
-      f"process {process_index} of {process_count} gets no train examples "
-      f"(train split has {len(source)})"
-    )
-  if local_batch > len(ds):
-    raise ConfigError(
-      f"the per-process batch {local_batch} is larger than the {len(ds)} train examples of "
-      f"process {process_index}'s shard; use a smaller batch or a larger train_size"
-    )
-  ds = ds.shuffle(seed=_stream_seed(seed, 0)).repeat()
+  ds = _train_examples(
+    make_source(data_config, "train"), seed, process_index, process_count, local_batch
+  )
   ds = ds.random_map(T.PickCaption(), seed=_stream_seed(seed, 1))
   if num_views == 2:  # Reads the raw `image`, so before view 1 replaces it.
     second_view = T.AugmentImage(augment_fn, output_key=T.SECOND_VIEW_KEY)
@@ -230,14 +331,103 @@ def make_train_dataset(
   ds = ds.map(T.TokenizeCaption(tokenizer, int(data_config["max_len"])))
   keys = _keys_for_views(num_views)
   ds = ds.map(T.ToTrainFeatures(keys))
-  ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.map(T.NormalizeImage(keys[:num_views]))
   num_threads = int(_field(data_config, "num_threads", 0))
   prefetch = _field(data_config, "prefetch_buffer_size", None)
-  prefetch = (0 if num_threads == 0 else 4) if prefetch is None else int(prefetch)
-  return ds.to_iter_dataset(
+  prefetch = (0 if num_threads == 0 else 4 * local_batch) if prefetch is None else int(prefetch)
+  examples = ds.to_iter_dataset(
     grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   )
+  batches = DropInvalid(examples).batch(local_batch, drop_remainder=True)
+  return batches.map(T.NormalizeImage(keys[:num_views]))
+
+
+def _train_examples(
+  source: Any, seed: int, process_index: int, process_count: int, local_batch: int
+) -> grain.MapDataset:
+  """This process's infinite stream of `source`: its shard `[process_index::process_count]`,
+  shuffled anew each epoch. A `Mixture`'s sources are each sharded, shuffled and repeated on their
+  own seed, then mixed by weight."""
+  sources = source.sources if isinstance(source, Mixture) else [source]
+  shards = [grain.MapDataset.source(part)[process_index::process_count] for part in sources]
+  for part, shard in zip(sources, shards):
+    if len(shard) == 0:
+      raise ConfigError(
+        f"process {process_index} of {process_count} gets no train examples of {part!r} "
+        f"({len(part)} examples)"
+      )
+  if local_batch > sum(len(shard) for shard in shards):
+    raise ConfigError(
+      f"the per-process batch {local_batch} is larger than the {sum(map(len, shards))} train "
+      f"examples of process {process_index}'s shard; use a smaller batch or a larger train_size"
+    )
+  if not isinstance(source, Mixture):
+    return shards[0].shuffle(seed=_stream_seed(seed, 0)).repeat()
+  streams = [s.shuffle(seed=_stream_seed(seed, 100 + k)).repeat() for k, s in enumerate(shards)]
+  return grain.MapDataset.mix(streams, source.weights)
+
+
+class _DropInvalidIterator(grain.DatasetIterator):
+  """Drops examples with `valid == 0`, counts them, and adds the count so far (`SKIPPED_KEY`) to
+  every example it passes on; the count is part of the iterator's checkpointed state."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self.skipped = 0
+
+  def __next__(self) -> dict:
+    for _ in range(MAX_CONSECUTIVE_SKIPS):
+      element = dict(next(self._parent))
+      valid = element.pop("valid", 1)
+      error = element.pop("error", None)
+      if valid:
+        element[SKIPPED_KEY] = np.int64(self.skipped)
+        return element
+      self.skipped += 1
+      if self.skipped <= 10 or self.skipped % 1000 == 0:
+        logging.warning("skipped train example %d: %s", self.skipped, error or "invalid")
+    raise RuntimeError(
+      f"{MAX_CONSECUTIVE_SKIPS} train examples in a row could not be read (the last: "
+      f"{error}); check the data paths"
+    )
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "skipped": self.skipped}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self.skipped = int(state["skipped"])
+
+
+class DropInvalid(grain.IterDataset):
+  """`IterDataset` stage of `_DropInvalidIterator`."""
+
+  def __iter__(self) -> _DropInvalidIterator:
+    return _DropInvalidIterator(self._parent.__iter__())
+
+
+class ImageRows:
+  """Images of a source decoded on demand: `rows[idx]` is float32 `[len(idx), S, S, 3]`
+  (normalised), decoded by a thread pool, so an evaluation holds one batch of pixels at a time
+  whatever the split's size.
+
+  Args:
+    load: `index -> uint8 [S, S, 3]`.
+    num_images: N.
+    num_threads: decoding threads (0 = decode in the calling thread).
+  """
+
+  def __init__(self, load: Any, num_images: int, num_threads: int = 8):
+    self._load = load
+    self.num_images = int(num_images)
+    self._pool = ThreadPoolExecutor(num_threads) if num_threads > 0 else None
+
+  def __len__(self) -> int:
+    return self.num_images
+
+  def __getitem__(self, rows: Any) -> np.ndarray:
+    rows = [int(i) for i in np.asarray(rows).reshape(-1)]
+    decoded = self._pool.map(self._load, rows) if self._pool else map(self._load, rows)
+    return T.normalize_image(np.stack(list(decoded)))
 
 
 def _examples(source: shapes.ShapesSource) -> list[dict]:
@@ -245,14 +435,19 @@ def _examples(source: shapes.ShapesSource) -> list[dict]:
 
 
 def make_eval_data(data_config: Any, tokenizer: Any, split: str) -> dict[str, np.ndarray]:
-  """The whole `split` as arrays for retrieval (K = 5 captions per image).
+  """The whole `split` for retrieval.
 
   Returns:
-    `images` float32 `[N, H, W, 3]` (normalised), `text_ids` int32 `[K*N, L]`, `text_mask` int32
-    `[K*N, L]`, `txt2img` int32 `[K*N]` (caption j describes image `txt2img[j]`), `img2txt` int32
-    `[N, K]` (the captions of image i). Caption `K*i + k` is the k-th caption of image i.
+    `images` float32 `[N, H, W, 3]` (normalised; for a file split an `ImageRows` that decodes the
+    rows asked for), `text_ids` int32 `[N_txt, L]`, `text_mask` int32 `[N_txt, L]`, `txt2img`
+    int32 `[N_txt]` (caption j describes image `txt2img[j]`), `img2txt` int32 `[N, K]` (the
+    captions of image i, -1 padded; K is the most captions an image has: 5 for the embedded data,
+    where caption `5*i + k` is the k-th caption of image i).
   """
-  examples = _examples(make_source(data_config, split))
+  source = make_source(data_config, split)
+  if not isinstance(source, shapes.ShapesSource):
+    return _streamed_eval_data(source, data_config, tokenizer)
+  examples = _examples(source)
   captions = [c for ex in examples for c in ex["captions"]]
   per_image = len(examples[0]["captions"])
   text_ids, text_mask = tokenizer.encode_batch(captions, int(data_config["max_len"]))
@@ -263,6 +458,56 @@ def make_eval_data(data_config: Any, tokenizer: Any, split: str) -> dict[str, np
     "text_mask": text_mask.astype(np.int32),
     "txt2img": np.repeat(np.arange(num_images, dtype=np.int32), per_image),
     "img2txt": np.arange(num_images * per_image, dtype=np.int32).reshape(num_images, per_image),
+  }
+
+
+def caption_maps(counts: Any) -> tuple[np.ndarray, np.ndarray]:
+  """`(txt2img [sum(counts)], img2txt [N, max(counts)])` for images with `counts[i]` captions each,
+  captions numbered image by image; `img2txt` rows are padded with -1."""
+  counts = np.asarray(counts, dtype=np.int64)
+  txt2img = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+  img2txt = np.full((len(counts), int(counts.max())), -1, dtype=np.int32)
+  starts = np.cumsum(counts) - counts
+  for i, (start, count) in enumerate(zip(starts, counts)):
+    img2txt[i, :count] = np.arange(start, start + count)
+  return txt2img, img2txt
+
+
+class _EvalImages:
+  """`index -> uint8 [S, S, 3]` of the kept examples of a file source; an unreadable image is
+  black, counted in `unreadable` and logged (the protocol keeps every image of the split)."""
+
+  def __init__(self, source: Any, kept: list[int]):
+    self.source, self.kept, self.unreadable = source, kept, 0
+
+  def __call__(self, index: int) -> np.ndarray:
+    try:
+      return self.source.image(self.kept[index])
+    except (OSError, ValueError) as e:
+      self.unreadable += 1
+      logging.warning("evaluation image %d of %r is unreadable (black image used): %s",
+                      self.kept[index], self.source, e)  # fmt: skip
+      size = self.source.options.size
+      return np.zeros((size, size, 3), np.uint8)
+
+
+def _streamed_eval_data(source: Any, data_config: Any, tokenizer: Any) -> dict[str, Any]:
+  """`make_eval_data` of a file source: captions tokenised up front, images as `ImageRows`
+  decoded batch by batch. Examples without a caption are left out."""
+  captions = [source.captions_of(i) for i in range(len(source))]
+  kept = [i for i, c in enumerate(captions) if c]
+  if not kept:
+    raise ConfigError(f"{source!r} holds no example with a caption")
+  texts = [c for i in kept for c in captions[i]]
+  text_ids, text_mask = tokenizer.encode_batch(texts, int(data_config["max_len"]))
+  txt2img, img2txt = caption_maps([len(captions[i]) for i in kept])
+  threads = int(_field(data_config, "eval_threads", 8))
+  return {
+    "images": ImageRows(_EvalImages(source, kept), len(kept), threads),
+    "text_ids": np.asarray(text_ids, np.int32),
+    "text_mask": np.asarray(text_mask, np.int32),
+    "txt2img": txt2img,
+    "img2txt": img2txt,
   }
 
 

@@ -84,14 +84,21 @@ class TokenizeCaption(grain.transforms.Map):
     return {**element, "text_ids": ids, "text_mask": mask}
 
 
+# Keys a source may add to flag an example it could not read (`vlalign.data.files`); kept by
+# `ToTrainFeatures` for the stage that drops such examples before batching.
+VALIDITY_KEYS = ("valid", "error")
+
+
 class ToTrainFeatures(grain.transforms.Map):
-  """Keeps `keys` only, in that order (no strings reach the batcher); `image_id` as int32."""
+  """Keeps `keys` only, in that order (no strings reach the batcher), plus the `VALIDITY_KEYS`
+  present; `image_id` as int32."""
 
   def __init__(self, keys: Sequence[str] = TRAIN_KEYS):
     self.keys = tuple(keys)
 
   def map(self, element: dict) -> dict:
     features = {key: element[key] for key in self.keys}
+    features.update({key: element[key] for key in VALIDITY_KEYS if key in element})
     if "image_id" in features:
       features["image_id"] = np.int32(features["image_id"])
     return features

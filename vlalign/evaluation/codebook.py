@@ -21,7 +21,7 @@ import numpy as np
 from vlalign import workdir as workdir_lib
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.plots import bar_chart_png
-from vlalign.evaluation.retrieval import embed_in_batches
+from vlalign.evaluation.retrieval import as_rows, embed_in_batches
 
 
 def code_usage_metrics(
@@ -70,7 +70,7 @@ class CodebookEvaluator:
     self._encode_image = encode_image_fn
     self._encode_text = encode_text_fn
     self._codebook = codebook_fn
-    self.images = np.asarray(eval_data["images"])
+    self.images = as_rows(eval_data["images"])
     self.text_ids = np.asarray(eval_data["text_ids"])
     self.text_mask = np.asarray(eval_data["text_mask"])
     self.txt2img = np.asarray(eval_data["txt2img"])

@@ -156,6 +156,19 @@ def retrieval_metrics(
   return metrics
 
 
+def as_rows(array: Any) -> Any:
+  """`array` as something `embed_in_batches` can index by rows: a numpy array, or a source that
+  decodes rows on demand (`vlalign.data.pipeline.ImageRows`) kept as it is."""
+  return array if hasattr(array, "num_images") else np.asarray(array)
+
+
+def _padded(batch: np.ndarray, size: int) -> np.ndarray:
+  """`batch` `[b, ...]` padded to `[size, ...]` by repeating its last row."""
+  if len(batch) == size:
+    return batch
+  return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
 def embed_in_batches(
   encode_fn: Callable[..., Any], params: Any, arrays: Sequence[np.ndarray], batch_size: int
 ) -> np.ndarray:
@@ -168,10 +181,11 @@ def embed_in_batches(
   Args:
     encode_fn: `(params, *[batch_size, ...] arrays) -> [batch_size, E]`.
     params: passed through to `encode_fn` untouched.
-    arrays: arrays with the same leading size `N >= 1`, e.g. `(images,)` or `(ids, mask)`.
+    arrays: arrays with the same leading size `N >= 1`, e.g. `(images,)` or `(ids, mask)`; an
+      `ImageRows` decodes only the rows of each batch (bounded host memory).
     batch_size: rows per call.
   """
-  arrays = [np.asarray(a) for a in arrays]
+  arrays = [as_rows(a) for a in arrays]
   n = len(arrays[0])
   if n == 0 or any(len(a) != n for a in arrays):
     raise ValueError(f"need arrays of one non-zero length; got {[len(a) for a in arrays]}")
@@ -179,8 +193,10 @@ def embed_in_batches(
     raise ValueError(f"batch_size must be positive; got {batch_size}")
   outputs = []
   for start in range(0, n, batch_size):
-    rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-    out = np.asarray(jax.device_get(encode_fn(params, *(a[rows] for a in arrays))))
+    rows = np.arange(start, min(start + batch_size, n))
+    out = np.asarray(
+      jax.device_get(encode_fn(params, *(_padded(a[rows], batch_size) for a in arrays)))
+    )
     if out.ndim != 2 or len(out) != batch_size:
       raise ValueError(f"encode_fn returned shape {out.shape}; expected [{batch_size}, E]")
     outputs.append(out[: min(batch_size, n - start)])
@@ -239,7 +255,7 @@ class RetrievalEvaluator:
     self.ties = ties
     self._encode_image = encode_image_fn
     self._encode_text = encode_text_fn
-    self.images = np.asarray(eval_data["images"])
+    self.images = as_rows(eval_data["images"])
     self.text_ids = np.asarray(eval_data["text_ids"])
     self.text_mask = np.asarray(eval_data["text_mask"])
     self.txt2img = np.asarray(eval_data["txt2img"])
