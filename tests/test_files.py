@@ -232,3 +232,37 @@ def test_train_and_evaluate_from_files_through_the_binaries(tmp_path):
   result = _binary("vlalign.train", "--config=configs/clip.py:tiny_files", f"--workdir={workdir}2")
   assert result.returncode == 2 and "data.paths.root is not set" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_the_skip_count_and_position_survive_an_orbax_checkpoint(written, tmp_path):
+  """What the trainer saves: the iterator (with its dropped-example count) through Orbax."""
+  import jax  # noqa: PLC0415
+
+  from vlalign import checkpoint  # noqa: PLC0415
+
+  spec, _ = _damaged_albef(written["albef_json"][0], tmp_path)
+  config = _data_config(spec)
+  want, _ = _batches(config, 30)
+  make = lambda: iter(  # noqa: E731
+    pipeline.make_train_dataset(
+      config, TOKENIZER, global_batch_size=8, seed=3, process_index=0, process_count=1
+    )
+  )
+  iterator = make()
+  for _ in range(20):
+    next(iterator)
+  state = {"x": jax.numpy.zeros(())}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(20, state, iterator)
+  ckpt.wait()
+  resumed = make()
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  ckpt.restore(20, abstract, resumed)
+  ckpt.close()
+  for batch in want[20:]:
+    got = next(resumed)
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], got[key])
+  assert int(want[29][pipeline.SKIPPED_KEY].max()) >= 4  # a full epoch of drops is in the stream
