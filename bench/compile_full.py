@@ -39,7 +39,7 @@ def main(argv):
         queue = int(config.teacher.queue_size)
         config.teacher.queue_size = max(queue - queue % _BATCH.value, _BATCH.value)
     start = time.perf_counter()
-    lowered = trainer.lower_step(trainer.build(config))
+    lowered = trainer.lower_step(trainer.build(config, data=False))
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()

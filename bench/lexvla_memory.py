@@ -42,7 +42,7 @@ def compiled_memory(image_depth: int, text_depth: int) -> tuple[dict[str, float]
   config.model.image.depth = image_depth
   config.model.text.depth = text_depth
   start = time.perf_counter()
-  compiled = trainer.lower_step(trainer.build(config)).compile()
+  compiled = trainer.lower_step(trainer.build(config, data=False)).compile()
   return trainer.log_memory_analysis(compiled), time.perf_counter() - start
 
 

@@ -158,12 +158,14 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     c.teacher.alpha_warmup_steps = steps_per_epoch
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    # The embedded dataset at 256 px stands in until a web-scale source is configured.
-    c.data = common.shapes_data(image_size=256, max_len=30)
+    # ALBEF's 4M mixture and COCO / Flickr30k tests, from `data.paths.*` (README, "Train on your
+    # data"): unset or missing paths stop the run.
+    c.data = common.files_data(common.shapes_data(image_size=256, max_len=30), "4m")
     c.data.augment = dict(name=method)
     published_init(c)
     c.evals = common.retrieval_and_zeroshot_evals(every_steps=10_000)
     c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=128, every_steps=0)
+    c.evals = common.file_evals(c.evals, "4m")
   return c
 
 

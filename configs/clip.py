@@ -92,8 +92,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = True
     c.mesh = dict(data=-1, fsdp=1)
-    # The embedded dataset at 224 px stands in until a web-scale source is configured.
-    c.data = common.shapes_data(image_size=224, max_len=77)
+    # Image-text tar shards (`data.paths.web`: WIT is not public; CC12M / LAION as img2dataset
+    # writes them) and COCO / Flickr30k tests; unset or missing paths stop the run.
+    c.data = common.files_data(common.shapes_data(image_size=224, max_len=77), "web")
+    c.data.resize = "center_crop"
     c.model.image = common.image_tower("B", image_size=224, patch_size=16)
     c.model.text = common.text_tower(
       "B",
@@ -105,5 +107,5 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       num_heads=8,
       mlp_dim=2048,
     )
-    c.evals = common.retrieval_and_zeroshot_evals(every_steps=10_000)
+    c.evals = common.file_evals(common.retrieval_and_zeroshot_evals(every_steps=10_000), "web")
   return c

@@ -127,6 +127,9 @@ def tiny_two_tower(c: ml_collections.ConfigDict) -> None:
 # PatchDis, word precision) need the embedded data's labels and masks.
 FILE_EVAL_TYPES = ("retrieval", "retrieval_itm", "lexical_retrieval", "codebook")
 DATA_SUFFIXES = ("files", "4m")
+# `full` variants train on real data: the ALBEF family on its 4M mixture ("4m"), the two-tower and
+# lexical methods on image-text tar shards ("web": CC3M/CC12M/LAION as img2dataset writes them).
+DATA_LAYOUTS = ("files", "4m", "web")
 
 # ALBEF's 4M pre-training files and its COCO / Flickr30k retrieval files (names as released in
 # salesforce/ALBEF's data.tar.gz); `{name}` is `data.paths.name`, set on the command line.
@@ -149,7 +152,8 @@ def files_data(data: dict, layout: str) -> dict:
   layout "files": the embedded data as `python -m vlalign.data.shapes_to_files` writes it, under
   `data.paths.root`. layout "4m": ALBEF's 4M mixture (COCO + VG + CC3M + SBU, concatenated) with
   COCO's 5k val/test and Flickr30k's 1k test, under `data.paths.{ann, coco, vg, cc3m, sbu,
-  flickr}`.
+  flickr}`. layout "web": tar shards `data.paths.web` (a glob or `{00000..00099}` pattern) with
+  the same COCO/Flickr evaluation.
   """
   data = {k: v for k, v in data.items() if not k.endswith("_size") or k == "image_size"}
   data.update(name="files", resize="squash", decoder="pil", num_threads=8)
@@ -158,8 +162,12 @@ def files_data(data: dict, layout: str) -> dict:
     for split in ("train", "val", "test"):
       data[split] = dict(format="albef_json", ann="{root}/" + f"{split}.json", image_root="{root}")
     return data
-  data["paths"] = dict(ann="", coco="", vg="", cc3m="", sbu="", flickr="")
-  data["train"] = dict(mixture=[_albef_file(ann, root) for ann, root in ALBEF_4M])
+  if layout == "web":
+    data["paths"] = dict(web="", ann="", coco="", flickr="")
+    data["train"] = dict(format="webdataset", shards="{web}")
+  else:
+    data["paths"] = dict(ann="", coco="", vg="", cc3m="", sbu="", flickr="")
+    data["train"] = dict(mixture=[_albef_file(ann, root) for ann, root in ALBEF_4M])
   data["val"] = _albef_file("coco_val.json", "coco")
   data["test"] = _albef_file("coco_test.json", "coco")
   data["flickr_test"] = _albef_file("flickr30k_test.json", "flickr")
@@ -170,7 +178,7 @@ def file_evals(evals: dict, layout: str) -> dict:
   """The evaluators of `evals` that run on files; with layout "4m" each test one also on
   Flickr30k's test split."""
   kept = {name: dict(e) for name, e in evals.items() if e["type"] in FILE_EVAL_TYPES}
-  if layout == "4m":
+  if layout in ("4m", "web"):
     for name, e in list(kept.items()):
       if e.get("split") == "test":
         kept[f"{name}_flickr"] = dict(e, split="flickr_test")

@@ -14,8 +14,9 @@ text tower, LoRA off (`lexvla.freeze_text=True`): the text vectors stay the lang
   (image) and 1e-3 (text) ramped quadratically over 2k steps; Adam, lr 5e-4 cosine, batch 6,144,
   12 epochs of CC-12M (9.2M pairs: 18k steps), bfloat16. The lexicon is Llama 2's whole vocabulary
   (the paper keeps 17,149 of the 32,000 tokens by a rule it does not give). Weights: `hf:` paths,
-  which stop with an error naming the repository when they cannot be found; the data is the
-  embedded dataset at 224 px, a stand-in until a real source is configured.
+  which stop with an error naming the repository when they cannot be found; the data is CC-12M
+  as image-text tar shards (`data.paths.web`) with COCO / Flickr30k tests (`data.paths.ann`,
+  `coco`, `flickr`), whose absence stops the run with the path named.
 - `demo`: the frozen image tower is the CLIP demo's (run `configs/clip.py:demo` into
   `workdirs/clip_demo` first; a missing run stops with an error naming it); the text tower is the
   real all-MiniLM-L6-v2 (`configs/lit.py`) with LoRA, mean-pooled (a bidirectional sentence encoder
@@ -230,7 +231,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # Llama 2 7B's float32 weights (25 GiB) split over 8 devices rather than replicated
     # (bench/lexvla_memory.py: 3.5 GiB of arguments per device instead of 27).
     c.mesh = dict(data=-1, fsdp=8)
-    c.data = common.shapes_data(image_size=224, max_len=96)
+    # CC-12M as image-text tar shards (`data.paths.web`) and COCO / Flickr30k tests.
+    c.data = common.files_data(common.shapes_data(image_size=224, max_len=96), "web")
     c.data.update(tokenizer="sentencepiece", tokenizer_path=LLAMA2_7B, text_template=PAPER_PROMPT)
     c.model.image = dinov2_base(224)
     c.model.text = llama2_7b()
@@ -241,4 +243,5 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     )
     c.losses = sparsity_losses(5e-4, 1e-3, warmup_steps=2_000, fn=fn)
     c.evals = lexical_evals(every_steps=2_000, threshold=1 / math.sqrt(32_000), topk=(296,))
+    c.evals = common.file_evals(c.evals, "web")
   return c

@@ -56,7 +56,7 @@ def test_config_instantiates_and_builds(name, variant):
 def test_full_config_builds_and_train_step_lowers(name):
   config = _offline(_config(name, "full"))
   assert config.name == f"{name}_full"
-  lowered = trainer.lower_step(trainer.build(config))
+  lowered = trainer.lower_step(trainer.build(config, data=False))
   assert "func.func public @main" in lowered.as_text()
 
 
@@ -70,7 +70,7 @@ def test_full_tcl_train_step_compiles():
   config = _offline(_config("tcl", "full"))
   config.batch_size = 2 * jax.device_count()
   config.teacher.queue_size = 64 * config.batch_size
-  compiled = trainer.lower_step(trainer.build(config)).compile()
+  compiled = trainer.lower_step(trainer.build(config, data=False)).compile()
   memory = trainer.log_memory_analysis(compiled)
   assert memory["argument_size_mib"] > 0
 
@@ -82,7 +82,7 @@ def test_full_codis_train_step_compiles():
   config = _offline(_config("codis", "full"))
   config.batch_size = 2 * jax.device_count()
   config.teacher.queue_size = 64 * config.batch_size
-  compiled = trainer.lower_step(trainer.build(config)).compile()
+  compiled = trainer.lower_step(trainer.build(config, data=False)).compile()
   assert trainer.log_memory_analysis(compiled)["argument_size_mib"] > 0
 
 

@@ -95,6 +95,20 @@ def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRest
   return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=partial)
 
 
+def _array_handler_for_backend() -> None:
+  """On the CPU backend, saves each array once instead of splitting it over its replicas: the
+  "devices" share one host memory, so Orbax's replica-parallel slicing only adds work (10 s of a
+  3-step test run's 13 s save, 244 MiB over 8 simulated devices). Accelerators keep the default."""
+  if jax.default_backend() != "cpu":
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415
+
+  handler = ocp.type_handlers.ArrayHandler(
+    use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+  )
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
   """Saves and restores `(train_state, grain_iterator)` under `directory/<step>/`."""
 
@@ -136,6 +150,7 @@ class Checkpointer:
       read_only=not create,
       cleanup_tmp_directories=create,  # Partial saves of a crashed run; the trainer holds the lock.
     )
+    _array_handler_for_backend()
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=options,

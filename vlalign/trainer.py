@@ -106,9 +106,11 @@ class Setup(NamedTuple):
   warnings: tuple[str, ...]  # settings that run but make some numbers meaningless
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
+def build(config: ml_collections.ConfigDict, data: bool = True) -> Setup:
   """Validates the config and builds mesh, tokenizer, model, method, optimizer, abstract state and
-  the jitted step."""
+  the jitted step; with `data`, also checks the data (`check_data`: the paths exist, the splits
+  fill a batch and the evaluators' recalls). Without, nothing of the datasets is read (compiling a
+  pod config on a machine without its data)."""
   registry.import_modules(config.get("imports") or ())
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -126,7 +128,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   weights.check_init_config(config.get("init"))
   loss_entries = losses_lib.parse_entries(config.losses)
   spec = pipeline.train_batch_spec(config.data, config.batch_size)
-  warnings = check_data(config, tokenizer, method)
+  warnings = check_data(config, tokenizer, method) if data else []
 
   def example_batch():
     return {k: jnp.zeros((2, *v.shape[1:]), v.dtype) for k, v in spec.items()}
@@ -402,13 +404,13 @@ def _finished_run(setup: Setup, workdir, step: int, params, tag: str) -> dict[st
 
 
 def _logged_metrics(workdir, step: int) -> dict[str, float]:
-  """The train and perf metrics logged at `step` in the workdir's metrics file (if any)."""
+  """The train, perf and data metrics logged at `step` in the workdir's metrics file (if any)."""
   path = workdir / workdir_lib.METRICS
   rows = metrics_lib.read_jsonl(path) if path.exists() else []
   logged = {}
   for row in rows:
     if row["step"] == step:
-      logged.update({k: v for k, v in row.items() if k.startswith(("train/", "perf/"))})
+      logged.update({k: v for k, v in row.items() if k.startswith(("train/", "perf/", "data/"))})
   return logged
 
 
