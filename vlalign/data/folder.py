@@ -34,14 +34,12 @@ unpredictable). `"clip"` is `metadata/clip_templates.txt`, CLIP's 80 ImageNet pr
 """
 
 import importlib.resources
-import io
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
-from PIL import Image
 
 from vlalign.data import images
 from vlalign.errors import ConfigError, PathError
@@ -159,20 +157,11 @@ class LabelledImages:
     """
     raw = self._raw_image(int(index))
     if isinstance(raw, np.ndarray):
-      raw = _png_bytes(raw)
+      array = raw[..., 0] if raw.ndim == 3 and raw.shape[-1] == 1 else raw
+      return images.resize_array(array, size, resize)
     if isinstance(raw, bytes | np.bytes_):
       return images.decode_image(bytes(raw), size, resize, decoder)
     return images.read_image(raw, size, resize, decoder)
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-  """A decoded uint8 image (`[H, W]`, `[H, W, 1]` or `[H, W, 3]`) as PNG bytes, so that it goes
-  through the same resize code as encoded images."""
-  array = np.asarray(array, dtype=np.uint8)
-  array = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="PNG", compress_level=0)
-  return buffer.getvalue()
 
 
 def _subset(num_examples: int, max_examples: Any) -> np.ndarray:

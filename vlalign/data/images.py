@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image
 
 RESIZE_MODES = ("squash", "center_crop")
-_DECODERS = ("pil", "simplejpeg")
+DECODERS = ("pil", "simplejpeg")
 _SIMPLEJPEG_PIP = "pip install simplejpeg==1.9.0"
 
 _BICUBIC = Image.Resampling.BICUBIC
@@ -111,7 +111,7 @@ def _check_positive(value: int, what: str) -> None:
 def _check_decode_args(size: int, resize: str, decoder: str) -> None:
   _check_positive(size, "size")
   _check_choice(resize, RESIZE_MODES, "resize mode")
-  _check_choice(decoder, _DECODERS, "decoder")
+  _check_choice(decoder, DECODERS, "decoder")
 
 
 def _is_jpeg(data: bytes) -> bool:

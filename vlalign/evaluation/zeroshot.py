@@ -327,7 +327,6 @@ _DATASET_DEFAULTS = {
   "decoder": "pil",
   "num_threads": 8,
 }
-_DECODERS = ("pil", "simplejpeg")
 
 
 @EVALUATORS.register("zeroshot")
@@ -366,8 +365,8 @@ def _dataset_options(spec: dict) -> dict:
   options["templates"] = folder.text_list(options["templates"], "templates")
   if options["resize"] not in images.RESIZE_MODES:
     raise ConfigError(f"resize {options['resize']!r}; choose one of {images.RESIZE_MODES}")
-  if options["decoder"] not in _DECODERS:
-    raise ConfigError(f"decoder {options['decoder']!r}; choose one of {_DECODERS}")
+  if options["decoder"] not in images.DECODERS:
+    raise ConfigError(f"decoder {options['decoder']!r}; choose one of {images.DECODERS}")
   threads = options["num_threads"]
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
     raise ConfigError(f"num_threads must be an int >= 0; got {threads!r}")
