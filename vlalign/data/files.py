@@ -148,13 +148,8 @@ class CaptionedImages:
 
   def image(self, index: int) -> np.ndarray:
     """uint8 `[S, S, 3]` of example `index`; UnreadableImageError if it cannot be decoded."""
-    raw = self._load_image(index)
-    size, resize, decoder = self.options.size, self.options.resize, self.options.decoder
-    if isinstance(raw, np.ndarray):
-      return images.resize_array(raw, size, resize)
-    if isinstance(raw, bytes):
-      return images.decode_image(raw, size, resize, decoder)
-    return images.read_image(os.fspath(raw), size, resize, decoder)
+    options = self.options
+    return images.load_image(self._load_image(index), options.size, options.resize, options.decoder)
 
   def encoded_image(self, index: int) -> bytes:
     """The stored bytes of example `index`'s image (a uint8 array source's image as PNG);
@@ -348,26 +343,30 @@ def webdataset(spec: dict, options: ImageOptions) -> CaptionedImages:
   return CaptionedImages(name, len(refs), load_image, captions.__getitem__, ids, options)
 
 
-def _tfds_source(spec: dict) -> Any:
+def prepared_tfds_builder(spec: dict) -> Any:
+  """The prepared TFDS builder a spec names (`builder_dir`, or `name` + `data_dir`); nothing is
+  downloaded. PathError when the directory or the prepared dataset is missing."""
   import tensorflow_datasets as tfds  # Heavy: imported only for TFDS specs.
 
-  split = spec.get("split", "train")
   if spec.get("builder_dir"):
     builder_dir = spec["builder_dir"]
     if not epath.Path(builder_dir).exists():
       raise PathError(f"tfds: builder_dir {builder_dir} does not exist")
-    return tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+    return tfds.builder_from_directory(builder_dir)
   name, data_dir = spec.get("name"), spec.get("data_dir")
   if not name or not data_dir:
     raise ConfigError("tfds: give builder_dir, or name and data_dir (nothing is downloaded)")
   if not epath.Path(data_dir).exists():
     raise PathError(f"tfds: data_dir {data_dir} does not exist")
-  return tfds.data_source(name, data_dir=data_dir, split=split, download=False)
+  prepared = epath.Path(data_dir) / name.split(":")[0].split("/")[0]
+  if not prepared.exists():
+    raise PathError(f"tfds: no prepared dataset {name!r} in data_dir {data_dir} ({prepared})")
+  return tfds.builder(name, data_dir=data_dir)
 
 
 def tfds_source(spec: dict, options: ImageOptions) -> CaptionedImages:
   """A prepared TFDS builder read with `tfds.data_source` (see the module docstring)."""
-  source = _tfds_source(spec)
+  source = prepared_tfds_builder(spec).as_data_source(split=spec.get("split", "train"))
   image_key = spec.get("image_key", "image")
   caption_key = spec.get("caption_key", "captions")
   id_key = spec.get("image_id_key", "image_id")

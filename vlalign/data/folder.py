@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from vlalign.data import images
+from vlalign.data import files, images
 from vlalign.errors import ConfigError, PathError
 
 FORMATS = ("image_folder", "tfds")
@@ -155,13 +155,7 @@ class LabelledImages:
     Raises:
       images.UnreadableImageError: a missing, truncated or undecodable image.
     """
-    raw = self._raw_image(int(index))
-    if isinstance(raw, np.ndarray):
-      array = raw[..., 0] if raw.ndim == 3 and raw.shape[-1] == 1 else raw
-      return images.resize_array(array, size, resize)
-    if isinstance(raw, bytes | np.bytes_):
-      return images.decode_image(bytes(raw), size, resize, decoder)
-    return images.read_image(raw, size, resize, decoder)
+    return images.load_image(self._raw_image(int(index)), size, resize, decoder)
 
 
 def _subset(num_examples: int, max_examples: Any) -> np.ndarray:
@@ -265,30 +259,11 @@ def image_folder(spec: dict) -> LabelledImages:
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _tfds_builder(spec: dict) -> Any:
-  import tensorflow_datasets as tfds  # Heavy: imported only for TFDS specs.
-
-  if spec.get("builder_dir"):
-    builder_dir = spec["builder_dir"]
-    if not epath.Path(builder_dir).exists():
-      raise PathError(f"tfds: builder_dir {builder_dir} does not exist")
-    return tfds.builder_from_directory(builder_dir)
-  name, data_dir = spec.get("name"), spec.get("data_dir")
-  if not name or not data_dir:
-    raise ConfigError("tfds: give builder_dir, or name and data_dir (nothing is downloaded)")
-  if not epath.Path(data_dir).exists():
-    raise PathError(f"tfds: data_dir {data_dir} does not exist")
-  prepared = epath.Path(data_dir) / name.split(":")[0].split("/")[0]
-  if not prepared.exists():
-    raise PathError(f"tfds: no prepared dataset {name!r} in data_dir {data_dir} ({prepared})")
-  return tfds.builder(name, data_dir=data_dir)
-
-
 def tfds_images(spec: dict) -> LabelledImages:
   """The `format="tfds"` source (see the module docstring)."""
   import tensorflow_datasets as tfds
 
-  builder = _tfds_builder(spec)
+  builder = files.prepared_tfds_builder(spec)
   split = spec.get("split", "validation")
   image_key, label_key = spec.get("image_key", "image"), spec.get("label_key", "label")
   what = f"tfds {spec.get('name') or spec.get('builder_dir')}[{split}]"

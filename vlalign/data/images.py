@@ -53,7 +53,7 @@ that are already small byte for byte.
 import io
 import os
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -304,6 +304,17 @@ def resize_array(image: np.ndarray, size: int, resize: str = "squash") -> np.nda
   rgb = _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
   box = _source_box(rgb.width, rgb.height, size, resize)
   return np.array(rgb.resize((size, size), _BICUBIC, box=box), dtype=np.uint8)
+
+
+def load_image(raw: Any, size: int, resize: str = "squash", decoder: str = "pil") -> np.ndarray:
+  """A stored image, whatever a source holds (encoded bytes, a decoded uint8 array `[H, W]`,
+  `[H, W, 1]` or `[H, W, 3]`, or a path), as uint8 `[size, size, 3]`."""
+  if isinstance(raw, np.ndarray):
+    array = raw[..., 0] if raw.ndim == 3 and raw.shape[-1] == 1 else raw
+    return resize_array(array, size, resize)
+  if isinstance(raw, bytes | np.bytes_):
+    return decode_image(bytes(raw), size, resize, decoder)
+  return read_image(os.fspath(raw), size, resize, decoder)
 
 
 def encode_png(image: np.ndarray) -> bytes:

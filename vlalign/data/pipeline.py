@@ -41,6 +41,7 @@ and the `[N, E]` embeddings, whatever the split's size.
 """
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -473,22 +474,33 @@ def caption_maps(counts: Any) -> tuple[np.ndarray, np.ndarray]:
   return txt2img, img2txt
 
 
-class _EvalImages:
-  """`index -> uint8 [S, S, 3]` of the kept examples of a file source; an unreadable image is
-  black, counted in `unreadable` and logged (the protocol keeps every image of the split)."""
+class BlackIfUnreadable:
+  """`index -> uint8 [S, S, 3]` by `load(index)`; an image that cannot be read is black, its
+  index kept in `skipped` and the first ten logged (an evaluation protocol keeps every image of
+  its split; callers decide what a black image counts for). Thread-safe (`ImageRows` decodes in a
+  pool).
 
-  def __init__(self, source: Any, kept: list[int]):
-    self.source, self.kept, self.unreadable = source, kept, 0
+  Args:
+    load: `index -> uint8 [S, S, 3]`; raises OSError or ValueError (`UnreadableImageError`).
+    size: S.
+    what: the data's name, for the log.
+  """
+
+  def __init__(self, load: Any, size: int, what: str):
+    self._load, self.size, self.what = load, int(size), what
+    self.skipped: set[int] = set()
+    self._lock = threading.Lock()
 
   def __call__(self, index: int) -> np.ndarray:
     try:
-      return self.source.image(self.kept[index])
+      return self._load(index)
     except (OSError, ValueError) as e:
-      self.unreadable += 1
-      logging.warning("evaluation image %d of %r is unreadable (black image used): %s",
-                      self.kept[index], self.source, e)  # fmt: skip
-      size = self.source.options.size
-      return np.zeros((size, size, 3), np.uint8)
+      with self._lock:
+        self.skipped.add(int(index))
+        count = len(self.skipped)
+      if count <= 10:
+        logging.warning("%s: image %d is unreadable (black image used): %s", self.what, index, e)
+      return np.zeros((self.size, self.size, 3), np.uint8)
 
 
 def _streamed_eval_data(source: Any, data_config: Any, tokenizer: Any) -> dict[str, Any]:
@@ -503,7 +515,11 @@ def _streamed_eval_data(source: Any, data_config: Any, tokenizer: Any) -> dict[s
   txt2img, img2txt = caption_maps([len(captions[i]) for i in kept])
   threads = int(_field(data_config, "eval_threads", 8))
   return {
-    "images": ImageRows(_EvalImages(source, kept), len(kept), threads),
+    "images": ImageRows(
+      BlackIfUnreadable(lambda i: source.image(kept[i]), source.options.size, repr(source)),
+      len(kept),
+      threads,
+    ),
     "text_ids": np.asarray(text_ids, np.int32),
     "text_mask": np.asarray(text_mask, np.int32),
     "txt2img": txt2img,

@@ -17,12 +17,10 @@ Two kinds of data (evaluator type `zeroshot`):
   classes), `chance`, `skipped_images`.
 """
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from absl import logging
 
 from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
@@ -178,15 +176,7 @@ class ZeroShotEvaluator:
   def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """Returns `{"acc": top-1 accuracy, "chance": 100 / C}` in percent."""
     del step  # Writes no files named by the step.
-    class_emb = class_embeddings(
-      self._encode_text,
-      params,
-      self._tokenizer,
-      self.class_names,
-      self.templates,
-      self.max_len,
-      self.batch_size,
-    )
+    class_emb = _class_embeddings_of(self, params)
     image_emb = embed_in_batches(self._encode_image, params, (self.images,), self.batch_size)
     return {
       "acc": top1_accuracy(image_emb, class_emb, self.labels),
@@ -258,54 +248,49 @@ class StreamingZeroShotEvaluator:
     self.class_names = list(source.class_names)
     self.templates = list(templates)
     prompts(self.class_names, self.templates)  # Validates the templates now rather than at run.
-    self._skipped: set[int] = set()
-    self._lock = threading.Lock()
-    self.rows = pipeline.ImageRows(self._load, len(source), int(num_threads))
+    self._images = pipeline.BlackIfUnreadable(self._load, self.image_size, f"zeroshot {name}")
+    self.rows = pipeline.ImageRows(self._images, len(source), int(num_threads))
 
   def _load(self, index: int) -> np.ndarray:
-    """uint8 `[S, S, 3]` of image `index`; a black image, recorded as skipped, if unreadable."""
-    from vlalign.data import images
-
-    try:
-      return self.source.image(index, self.image_size, self.resize, self.decoder)
-    except (images.UnreadableImageError, OSError) as err:
-      with self._lock:
-        self._skipped.add(int(index))
-        count = len(self._skipped)
-      if count <= 10:
-        logging.warning("zeroshot %s: skipped image %d (%s)", self.name, index, err)
-      return np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    """uint8 `[S, S, 3]` of image `index`."""
+    return self.source.image(index, self.image_size, self.resize, self.decoder)
 
   def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """`acc` (top-1), `acc5` (top-5, only with more than 5 classes), `chance` (`100 / C`) in
     percent over the readable images, and `skipped_images` (their complement); the accuracies are
     NaN when no image was readable or a score is not finite."""
     del step  # Writes no files named by the step.
-    class_emb = class_embeddings(
-      self._encode_text,
-      params,
-      self._tokenizer,
-      self.class_names,
-      self.templates,
-      self.max_len,
-      self.batch_size,
-    )
+    class_emb = _class_embeddings_of(self, params)
     num_images = len(self.rows)
-    self._skipped = set()
+    skipped = self._images.skipped
+    skipped.clear()
     ranks = np.zeros(num_images, np.int64)
     finite = True
     for start in range(0, num_images, self.batch_size):
       rows = np.arange(start, min(start + self.batch_size, num_images))
       image_emb = embed_in_batches(self._encode_image, params, (self.rows[rows],), self.batch_size)
       logits = image_emb @ class_emb.T  # [b, C]
-      readable = ~np.isin(rows, list(self._skipped))
+      readable = ~np.isin(rows, list(skipped))
       finite = finite and bool(np.all(np.isfinite(logits[readable])))
       ranks[rows] = label_ranks(logits, self.source.labels(rows))
     readable = np.ones(num_images, bool)
-    readable[list(self._skipped)] = False
+    readable[list(skipped)] = False
     return accuracy_metrics(ranks[readable], len(self.class_names), finite) | {
       "skipped_images": float(num_images - readable.sum())
     }
+
+
+def _class_embeddings_of(evaluator: Any, params: Any) -> np.ndarray:
+  """`class_embeddings` of a zero-shot evaluator's classes and templates."""
+  return class_embeddings(
+    evaluator._encode_text,
+    params,
+    evaluator._tokenizer,
+    evaluator.class_names,
+    evaluator.templates,
+    evaluator.max_len,
+    evaluator.batch_size,
+  )
 
 
 def accuracy_metrics(ranks: np.ndarray, num_classes: int, finite: bool = True) -> dict[str, float]:
