@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from vlalign import losses
 from vlalign.losses import matching
-from vlalign.testing import run_sharded_and_single
+from vlalign.testing import loss_context, run_sharded_and_single
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 SPECIALS = (PAD, CLS)  # the reference never masks PAD and CLS
@@ -159,20 +161,152 @@ def test_mlm_loss_matches_loop_reference():
   assert float(matching.mlm_loss(logits, no_masked, teacher_logits, 0.4)) == 0.0
 
 
+def _ref_mlm_published(logits, labels, teacher_logits, text_mask, alpha):
+  """The pre-fix reference, `log_softmax(prediction_scores, dim=1)` on the batch padded to its
+  longest text (`padding='longest'`), written as loops over b, t (= l), v in float64."""
+  batch, length, vocab = logits.shape
+  longest = max(t + 1 for b in range(batch) for t in range(length) if text_mask[b, t])
+  hard, soft = [], []
+  for b in range(batch):
+    for t in range(length):
+      if labels[b, t] == -100:
+        continue
+      hard.append(-_log_softmax(logits[b, t])[labels[b, t]])
+      q = np.exp(_log_softmax(teacher_logits[b, t]))  # soft_labels = softmax(logits_m, dim=-1)
+      term = 0.0
+      for v in range(vocab):
+        column = np.array([logits[b, k, v] for k in range(longest)], np.float64)
+        log_p = float(logits[b, t, v]) - np.log(np.sum(np.exp(column)))
+        term -= q[v] * log_p
+      soft.append(term)
+  return (1 - alpha) * np.mean(hard) + alpha * np.mean(soft)
+
+
+def _published_case(seed: int, max_len: int, batch: int = 6, length: int = 9, vocab: int = 7):
+  """Logits, labels on real non-CLS tokens, and masks whose longest text is `max_len` <= L."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, max_len + 1, size=batch)
+  lengths[1] = max_len
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  logits = rng.normal(size=(batch, length, vocab)).astype(np.float32) * 2
+  teacher_logits = rng.normal(size=(batch, length, vocab)).astype(np.float32) * 2
+  chosen = (rng.random((batch, length)) < 0.4) & (mask == 1)
+  chosen[:, 0] = False  # CLS
+  chosen[1, max_len - 1] = True  # a masked token at the longest text's last position
+  labels = np.where(chosen, rng.integers(0, vocab, (batch, length)), -100).astype(np.int32)
+  return logits, labels, teacher_logits, mask
+
+
+@pytest.mark.parametrize("max_len", [5, 9])  # longest text shorter than L, and exactly L
+def test_mlm_loss_published_form_matches_loop_reference(max_len):
+  logits, labels, teacher_logits, mask = _published_case(10 + max_len, max_len)
+  for alpha in (0.4, 1.0, 0.0):
+    got = matching.mlm_loss(
+      logits, labels, teacher_logits, alpha, distill_form="published", text_mask=mask
+    )
+    want = _ref_mlm_published(logits, labels, teacher_logits, mask, alpha)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Not the fixed form: the log-softmax runs over positions, not ids.
+  fixed = matching.mlm_loss(logits, labels, teacher_logits, 1.0)
+  published = matching.mlm_loss(
+    logits, labels, teacher_logits, 1.0, distill_form="published", text_mask=mask
+  )
+  assert abs(float(fixed) - float(published)) > 1e-2
+  # Without a teacher there is no distillation term: both forms are the hard CE.
+  no_teacher = matching.mlm_loss(
+    logits, labels, None, 0.4, distill_form="published", text_mask=mask
+  )
+  assert float(no_teacher) == float(matching.mlm_loss(logits, labels, None, 0.4))
+
+
+def test_mlm_loss_published_form_ignores_columns_past_the_longest_text():
+  """As with `padding='longest'`: the batch padded to L gives the value and gradients of the same
+  batch cut at its longest text, whatever the logits past it, and no gradient reaches them."""
+  logits, labels, teacher_logits, mask = _published_case(20, max_len=5)
+  junk = logits.copy()
+  junk[:, 5:] = 50.0 + 10.0 * np.random.default_rng(21).normal(size=junk[:, 5:].shape)
+
+  def loss(lg, lb, tl, m):
+    return matching.mlm_loss(lg, lb, tl, 0.4, distill_form="published", text_mask=m)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  value, grad = grad_fn(junk, labels, teacher_logits, mask)
+  cut_value, cut_grad = grad_fn(logits[:, :5], labels[:, :5], teacher_logits[:, :5], mask[:, :5])
+  np.testing.assert_allclose(value, cut_value, rtol=1e-6)
+  np.testing.assert_allclose(grad[:, :5], cut_grad, rtol=1e-5, atol=1e-8)
+  assert np.all(np.asarray(grad[:, 5:]) == 0.0)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_mlm_loss_fixed_form_is_the_default():
+  logits, labels, teacher_logits, mask = _published_case(30, max_len=5)
+  default = np.asarray(matching.mlm_loss(logits, labels, teacher_logits, 0.4))
+  fixed = matching.mlm_loss(
+    logits, labels, teacher_logits, 0.4, distill_form="fixed", text_mask=mask
+  )
+  np.testing.assert_array_equal(default, np.asarray(fixed))
+  np.testing.assert_allclose(default, _ref_mlm(logits, labels, teacher_logits, 0.4), rtol=1e-5)
+  with pytest.raises(ValueError, match="distill_form='vocab'"):
+    matching.mlm_loss(logits, labels, teacher_logits, 0.4, distill_form="vocab")
+  with pytest.raises(ValueError, match="needs text_mask"):
+    matching.mlm_loss(logits, labels, teacher_logits, 0.4, distill_form="published")
+
+
+def test_registered_mlm_takes_distill_form_from_a_config_entry():
+  logits, labels, teacher_logits, mask = _published_case(40, max_len=6)
+  outputs = {"mlm/logits": logits}
+  ctx = loss_context(
+    {"mlm/logits": teacher_logits, "alpha": jnp.float32(0.4), "mlm_labels": labels},
+    batch={"text_mask": mask},
+  )
+  want = {
+    "fixed": _ref_mlm(logits, labels, teacher_logits, 0.4),
+    "published": _ref_mlm_published(logits, labels, teacher_logits, mask, 0.4),
+  }
+  for form, expected in want.items():
+    entries = losses.parse_entries({"mlm": {"weight": 1.0, "distill_form": form}})
+    assert entries[0].kwargs == {"distill_form": form}
+    total, metrics = losses.sum_losses(entries, outputs, ctx)
+    np.testing.assert_allclose(metrics["mlm"], expected, rtol=1e-5)
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+  default = losses.sum_losses(losses.parse_entries({"mlm": {"weight": 1.0}}), outputs, ctx)[0]
+  np.testing.assert_allclose(default, want["fixed"], rtol=1e-5)
+  with pytest.raises(ValueError, match="config.losses.mlm"):
+    losses.parse_entries({"mlm": {"weight": 1.0, "distil_form": "published"}})
+  bad = losses.parse_entries({"mlm": {"weight": 1.0, "distill_form": "dim1"}})
+  with pytest.raises(ValueError, match="expected one of"):
+    losses.sum_losses(bad, outputs, ctx)
+  with pytest.raises(ValueError, match="needs distill"):
+    matching.mlm(outputs, ctx, distill=False, distill_form="published")
+  with pytest.raises(ValueError, match=r"ctx.batch\['text_mask'\]"):
+    matching.mlm(
+      outputs,
+      loss_context({"mlm/logits": teacher_logits, "alpha": 0.4, "mlm_labels": labels}),
+      distill_form="published",
+    )
+
+
 def test_mlm_and_itm_losses_same_on_8_devices():
   rng = np.random.default_rng(9)
   logits = rng.normal(size=(8, 6, 11)).astype(np.float32)
   teacher_logits = rng.normal(size=(8, 6, 11)).astype(np.float32)
   labels = np.where(rng.random((8, 6)) < 0.4, rng.integers(0, 11, (8, 6)), -100).astype(np.int32)
+  text_mask = (np.arange(6)[None, :] < rng.integers(2, 5, size=(8, 1))).astype(np.int32)
+  published_labels = np.where(text_mask == 1, labels, -100).astype(np.int32)
   itm_logits = rng.normal(size=(24, 2)).astype(np.float32)
 
-  def value_and_grads(lg, tl, lb, il):
+  def value_and_grads(lg, tl, lb, plb, tm, il):
     mlm = jax.value_and_grad(lambda x: matching.mlm_loss(x, lb, tl, jnp.float32(0.4)))(lg)
+    published = jax.value_and_grad(
+      lambda x: matching.mlm_loss(
+        x, plb, tl, jnp.float32(0.4), distill_form="published", text_mask=tm
+      )
+    )(lg)
     itm = jax.value_and_grad(lambda x: matching.itm_loss(x, matching.itm_labels(8)))(il)
-    return mlm, itm
+    return mlm, published, itm
 
   sharded, single = run_sharded_and_single(
-    value_and_grads, logits, teacher_logits, labels, itm_logits
+    value_and_grads, logits, teacher_logits, labels, published_labels, text_mask, itm_logits
   )
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -21,9 +21,23 @@ Equations:
 * Masking (`ALBEF.mask`): each token is chosen with probability p = 0.15 (`mlm_probability`);
   chosen tokens become [MASK] with probability 0.8, else a uniformly random id in [0, vocab) with
   probability 0.5, else stay; labels are the original id on chosen tokens and -100 elsewhere.
-* MLM (`BertForMaskedLM.forward`, after the upstream fix `log_softmax(dim=-1)`):
-  loss = (1 - alpha) * mean_{masked} CE(logits, label)
-         + alpha * mean_{masked} -sum_v softmax(teacher_logits)_v * log_softmax(logits)_v.
+* MLM (`BertForMaskedLM.forward`), with q[b, l] = softmax(teacher_logits[b, l], over v) (the
+  reference's `soft_labels = F.softmax(logits_m, dim=-1)`, `model_pretrain.py`):
+  loss = (1 - alpha) * mean_{masked (b, l)} CE(logits[b, l], label[b, l])
+         + alpha * mean_{masked (b, l)} -sum_v q[b, l, v] * S[b, l, v],
+  where S is the student's log-softmax, in one of two forms (`mlm(distill_form=...)`):
+  - "fixed" (default; the reference after the upstream fix, `log_softmax(dim=-1)`): over the
+    vocabulary, S[b, l, v] = logits[b, l, v] - logsumexp_{v'} logits[b, l, v'], so the term is
+    the cross-entropy of the student's token distribution to the teacher's.
+  - "published" (before the fix, `log_softmax(prediction_scores, dim=1)` on `[B, L, V]`): over
+    the sequence positions, S[b, l, v] = logits[b, l, v] - logsumexp_{l' < L*} logits[b, l', v],
+    where L* is the length of the longest text in the batch the loss is given (the reference
+    tokenizes with `padding='longest'`, so its L is the longest caption of the per-GPU batch and
+    its pad positions below L* take part in the normalisation; our batches are padded to a fixed
+    L, so the columns l >= L* are left out). This is not a cross-entropy over the vocabulary.
+  The published ALBEF and TCL numbers were trained with the "published" form: ALBEF's release
+  (2021-07-15) had `dim=1` until salesforce/ALBEF b726f8e (2022-03-01), TCL's until
+  uta-smile/TCL 74a3e4f (2022-08-04, "fix a bug in loss_distill calculation").
   The teacher (momentum) model sees the same masked ids and the teacher's image features.
 
 Decisions where the reference is silent or differs:
@@ -46,9 +60,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.losses import LossContext, Metrics, register, require, require_output
 
 IGNORE_LABEL = -100
+DISTILL_FORMS = ("fixed", "published")
 MASK_PROB_REPLACE = 0.8
 MASK_PROB_RANDOM_OF_REST = 0.5
 
@@ -150,23 +166,57 @@ def mask_tokens(
   return input_ids, labels
 
 
+def _check_distill_form(distill_form: str) -> None:
+  if distill_form not in DISTILL_FORMS:
+    raise ConfigError(f"mlm distill_form={distill_form!r}: expected one of {list(DISTILL_FORMS)}")
+
+
+def published_log_probs(logits: jax.Array, text_mask: jax.Array) -> jax.Array:
+  """The pre-fix reference's `log_softmax(prediction_scores, dim=1)`: over positions, not ids.
+
+  Args:
+    logits: `[B, L, V]` float32 student MLM logits.
+    text_mask: `[B, L]` 1 on real tokens, 0 on padding.
+
+  Returns:
+    `[B, L, V]` float32: `logits[b, l, v] - logsumexp_{l' < L*} logits[b, l', v]` for l < L*, where
+    L* is the longest text of the batch (the last position any row's mask covers, plus one); 0 for
+    l >= L* (positions that `padding='longest'` would not have made).
+  """
+  positions = jnp.arange(logits.shape[1])
+  longest = jnp.max(jnp.where(text_mask > 0, positions[None, :] + 1, 0))
+  in_batch = (positions < longest)[None, :, None]
+  log_probs = jax.nn.log_softmax(jnp.where(in_batch, logits, -jnp.inf), axis=1)
+  return jnp.where(in_batch, log_probs, 0.0)
+
+
 def mlm_loss(
   logits: jax.Array,
   labels: jax.Array,
   teacher_logits: jax.Array | None,
   alpha: float | jax.Array,
+  *,
+  distill_form: str = "fixed",
+  text_mask: jax.Array | None = None,
 ) -> jax.Array:
-  """(1 - alpha) * CE(labels) + alpha * CE(softmax(teacher_logits)), each a mean over masked tokens.
+  """(1 - alpha) * CE(labels) + alpha * distillation term, each a mean over masked tokens.
+
+  The distillation term is -sum_v softmax(teacher_logits)_v * S_v, S the student's log-softmax over
+  the vocabulary (`distill_form="fixed"`) or over the positions below the batch's longest text
+  (`"published"`, see `published_log_probs` and the module docstring).
 
   Args:
     logits: `[B, L, V]` student MLM logits.
     labels: `[B, L]` int original ids at masked positions, -100 elsewhere.
     teacher_logits: `[B, L, V]` momentum-model logits on the same input, or None (plain MLM).
     alpha: `[]` distillation weight.
+    distill_form: "fixed" or "published".
+    text_mask: `[B, L]` 1 on real tokens; required by `distill_form="published"`.
 
   Returns:
     `[]` float32.
   """
+  _check_distill_form(distill_form)
   is_masked = labels != IGNORE_LABEL
   count = jnp.maximum(jnp.sum(is_masked), 1).astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -175,6 +225,11 @@ def mlm_loss(
   hard = -jnp.sum(jnp.where(is_masked, label_log_prob, 0.0)) / count
   if teacher_logits is None:
     return hard
+  if distill_form == "published":
+    if text_mask is None or text_mask.shape != labels.shape:
+      shape = None if text_mask is None else text_mask.shape
+      raise ValueError(f"distill_form='published' needs text_mask {labels.shape}, got {shape}")
+    log_probs = published_log_probs(logits.astype(jnp.float32), text_mask)
   soft_labels = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
   distill_per_token = -jnp.sum(soft_labels * log_probs, axis=-1)
   distill = jnp.sum(jnp.where(is_masked, distill_per_token, 0.0)) / count
@@ -198,25 +253,50 @@ def itm(outputs: dict[str, jax.Array], ctx: LossContext) -> tuple[jax.Array, Met
 
 @register("mlm")
 def mlm(
-  outputs: dict[str, jax.Array], ctx: LossContext, distill: bool = True
+  outputs: dict[str, jax.Array],
+  ctx: LossContext,
+  distill: bool = True,
+  distill_form: str = "fixed",
 ) -> tuple[jax.Array, Metrics]:
   """Masked language modelling conditioned on the image, momentum-distilled when `distill`.
 
   Reads `outputs["mlm/logits"]` `[B, L, V]`, `ctx.inputs["mlm_labels"]` `[B, L]` and, with
-  `distill`, `ctx.teacher["mlm/logits"]` and `ctx.schedules["alpha"]`.
+  `distill`, `ctx.teacher["mlm/logits"]` and `ctx.schedules["alpha"]`; with
+  `distill_form="published"` also `ctx.batch["text_mask"]` `[B, L]`.
+
+  Args:
+    outputs: the student's outputs.
+    ctx: the loss context.
+    distill: add the momentum-distillation term.
+    distill_form: "fixed" (default): the student's log-softmax over the vocabulary, the reference
+      after its fix. "published": over the positions below the longest text of the batch this
+      loss is given, the reference before the fix, which the ALBEF / TCL papers' numbers used.
+      Only meaningful with `distill`.
 
   Returns:
     `(mlm_loss(...), {"accuracy"})`, accuracy of the student's argmax on the masked tokens.
   """
+  _check_distill_form(distill_form)
   hint = "use model.name='albef' with method 'momentum' and a config.mlm section (masking)"
   logits = require_output(outputs, "mlm/logits", "mlm", hint)
   require(ctx, "mlm", inputs=("mlm_labels",))
   labels = ctx.inputs["mlm_labels"]
-  teacher_logits, alpha = None, 0.0
+  teacher_logits, alpha, text_mask = None, 0.0, None
   if distill:
     require(ctx, "mlm(distill=True)", teacher=("mlm/logits",), schedules=("alpha",))
     teacher_logits, alpha = ctx.teacher["mlm/logits"], ctx.schedules["alpha"]
+  elif distill_form != "fixed":
+    raise ConfigError(
+      f"mlm distill_form={distill_form!r} shapes the distillation term: needs distill"
+    )
+  if distill and distill_form == "published":
+    if "text_mask" not in ctx.batch:
+      raise ConfigError("loss 'mlm' with distill_form='published' needs ctx.batch['text_mask']")
+    text_mask = ctx.batch["text_mask"]
   is_masked = labels != IGNORE_LABEL
   hits = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & is_masked)
   accuracy = hits / jnp.maximum(jnp.sum(is_masked), 1)
-  return mlm_loss(logits, labels, teacher_logits, alpha), {"accuracy": accuracy}
+  loss = mlm_loss(
+    logits, labels, teacher_logits, alpha, distill_form=distill_form, text_mask=text_mask
+  )
+  return loss, {"accuracy": accuracy}
