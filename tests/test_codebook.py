@@ -82,11 +82,19 @@ def _inputs(seed=0):
   centres = _unit(rng, K, E)
   outputs = {"img/emb": _unit(rng, B, E), "txt/emb": _unit(rng, B, E), "codebook": centres}
   teacher_img, teacher_txt = _unit(rng, B + Q, E), _unit(rng, B + Q, E)
+  img_codes = _ref_sinkhorn(teacher_img @ centres.T, 0.05, 3).astype(np.float32)
+  txt_codes = _ref_sinkhorn(teacher_txt @ centres.T, 0.05, 3).astype(np.float32)
   codes = {
-    "img/codes": _ref_sinkhorn(teacher_img @ centres.T, 0.05, 3).astype(np.float32),
-    "txt/codes": _ref_sinkhorn(teacher_txt @ centres.T, 0.05, 3).astype(np.float32),
+    "img/codes": img_codes[:B],
+    "txt/codes": txt_codes[:B],
+    "queue": {"img/codes": img_codes[B:], "txt/codes": txt_codes[B:]},
   }
   return outputs, codes
+
+
+def _all_codes(codes, modality):
+  """[batch | queue] rows of a modality's codes, `[B + Q, K]`."""
+  return np.concatenate([codes[f"{modality}/codes"], codes["queue"][f"{modality}/codes"]])
 
 
 def _softmax(x):
@@ -114,7 +122,7 @@ def test_code_terms_match_loop_references():
   outputs, codes = _inputs()
   ctx = testing.loss_context(codes)
   c, tau = outputs["codebook"], 0.1
-  q_img, q_txt = codes["img/codes"][:B], codes["txt/codes"][:B]
+  q_img, q_txt = codes["img/codes"], codes["txt/codes"]
   value, metrics = jax.jit(losses.get("code_distill"))(outputs, ctx)
   i2t = _ref_cross_entropy(q_txt, outputs["img/emb"], c, tau)
   t2i = _ref_cross_entropy(q_img, outputs["txt/emb"], c, tau)
@@ -125,8 +133,8 @@ def test_code_terms_match_loop_references():
   t2t = _ref_cross_entropy(q_txt, outputs["txt/emb"], c, tau)
   np.testing.assert_allclose(value, (i2i + t2t) / 2, rtol=1e-5)
   value, metrics = jax.jit(losses.get("code_contrast"))(outputs, ctx)
-  i2t = _ref_contrast(outputs["img/emb"], codes["txt/codes"], c, tau, 0.05)
-  t2i = _ref_contrast(outputs["txt/emb"], codes["img/codes"], c, tau, 0.05)
+  i2t = _ref_contrast(outputs["img/emb"], _all_codes(codes, "txt"), c, tau, 0.05)
+  t2i = _ref_contrast(outputs["txt/emb"], _all_codes(codes, "img"), c, tau, 0.05)
   np.testing.assert_allclose([metrics["i2t"], metrics["t2i"]], [i2t, t2i], rtol=1e-5)
   # entropy / perplexity of the students' assignments
   embeddings = np.concatenate([outputs["img/emb"], outputs["txt/emb"]])
@@ -145,8 +153,8 @@ def test_gradients_reach_students_and_codebook_never_the_teachers(name):
   grads = jax.grad(lambda o, t: fn(o, testing.loss_context(t))[0], argnums=(0, 1))(outputs, codes)
   for key in ("img/emb", "txt/emb", "codebook"):
     assert float(np.abs(grads[0][key]).max()) > 0, key
-  for key, value in grads[1].items():
-    np.testing.assert_array_equal(value, 0.0, err_msg=key)
+  for path, value in jax.tree_util.tree_leaves_with_path(grads[1]):
+    np.testing.assert_array_equal(value, 0.0, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("name", ["code_distill", "code_contrast", "code_intra"])

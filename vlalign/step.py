@@ -39,6 +39,7 @@ def make_train_step(
   loss_entries: list[losses_lib.LossEntry],
   schedule: optax.Schedule,
   frozen: Any = None,
+  group_size: int | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, pure and jit-able.
 
@@ -48,6 +49,7 @@ def make_train_step(
     loss_entries: `losses.parse_entries(config.losses)`.
     schedule: the learning-rate schedule, logged as `lr`.
     frozen: a boolean pytree like the params, True on leaves that never change; None: none.
+    group_size: loss group size (`losses.groups.group_size_of(config)`); None: the global batch.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -58,7 +60,7 @@ def make_train_step(
       if frozen is not None:
         params = select(frozen, jax.lax.stop_gradient(params), params)
       outputs = method.forward(params, ctx)
-      total, metrics = losses_lib.sum_losses(loss_entries, outputs, ctx)
+      total, metrics = losses_lib.sum_losses(loss_entries, outputs, ctx, group_size)
       return total, (metrics, outputs)
 
     grads, (metrics, outputs) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -86,7 +88,7 @@ def make_train_step(
 
 
 def make_loss_probe(
-  method: Any, loss_entries: list[losses_lib.LossEntry]
+  method: Any, loss_entries: list[losses_lib.LossEntry], group_size: int | None = None
 ) -> Callable[[TrainState, Batch], Metrics]:
   """`probe(state, batch) -> metrics`: the losses of the state's own parameters on `batch`, as
   the next step would compute them, without gradient or update. The trainer checks them before
@@ -94,7 +96,8 @@ def make_loss_probe(
 
   def probe(state: TrainState, batch: Batch) -> Metrics:
     ctx = method.before_gradient(state, batch, jax.random.fold_in(state.rng, state.step))
-    _, metrics = losses_lib.sum_losses(loss_entries, method.forward(state.params, ctx), ctx)
+    outputs = method.forward(state.params, ctx)
+    _, metrics = losses_lib.sum_losses(loss_entries, outputs, ctx, group_size)
     return {**{k: jnp.asarray(v, jnp.float32) for k, v in ctx.schedules.items()}, **metrics}
 
   return probe

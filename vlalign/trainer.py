@@ -56,6 +56,7 @@ GENERIC_FIELDS = (
   "evals",
   "init",
   "imports",
+  "loss_group_size",
 )
 
 
@@ -127,6 +128,7 @@ def build(config: ml_collections.ConfigDict, data: bool = True) -> Setup:
   check_sections(config, method)
   weights.check_init_config(config.get("init"))
   loss_entries = losses_lib.parse_entries(config.losses)
+  group_size = losses_lib.groups.group_size_of(config)
   spec = pipeline.train_batch_spec(config.data, config.batch_size)
   warnings = check_data(config, tokenizer, method) if data else []
 
@@ -142,7 +144,7 @@ def build(config: ml_collections.ConfigDict, data: bool = True) -> Setup:
   abstract = jax.eval_shape(init_state, abstract_params, jax.random.PRNGKey(0))
   state_shardings = sharding.state_shardings(abstract, mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in spec}
-  step_fn = step_lib.make_train_step(method, tx, loss_entries, schedule, frozen)
+  step_fn = step_lib.make_train_step(method, tx, loss_entries, schedule, frozen, group_size)
   train_step = jax.jit(
     step_fn,
     in_shardings=(state_shardings, batch_shardings),
@@ -150,7 +152,7 @@ def build(config: ml_collections.ConfigDict, data: bool = True) -> Setup:
     donate_argnums=(0,),
   )
   loss_probe = jax.jit(
-    step_lib.make_loss_probe(method, loss_entries),
+    step_lib.make_loss_probe(method, loss_entries, group_size),
     in_shardings=(state_shardings, batch_shardings),
     out_shardings=sharding.replicated(mesh),
   )

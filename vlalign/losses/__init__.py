@@ -23,6 +23,7 @@ arguments, checked against its signature when the config is read.
 """
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
+from vlalign.losses import groups
 from vlalign.registry import Registry
 
 Metrics = dict[str, jax.Array]
@@ -172,14 +174,25 @@ def parse_entries(losses_config: Any) -> list[LossEntry]:
 
 
 def sum_losses(
-  entries: list[LossEntry], outputs: dict[str, jax.Array], ctx: LossContext
+  entries: list[LossEntry],
+  outputs: dict[str, jax.Array],
+  ctx: LossContext,
+  group_size: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """`sum_i weight_i(step) * loss_i`; metrics `<name>` (unweighted value), `<name>/<key>`,
-  `<name>/weight` (scheduled weights only) and `loss` (the sum)."""
+  `<name>/weight` (scheduled weights only) and `loss` (the sum).
+
+  With `group_size`, each loss is the mean of its values on consecutive groups of `group_size`
+  examples (`vlalign/losses/groups.py`, `config.loss_group_size`); None: the whole global batch.
+  """
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for entry in entries:
-    value, loss_metrics = entry.fn(outputs, ctx, **entry.kwargs)
+    fn = functools.partial(entry.fn, **entry.kwargs)
+    if group_size is None:
+      value, loss_metrics = fn(outputs, ctx)
+    else:
+      value, loss_metrics = groups.grouped(fn, outputs, ctx, group_size)
     weight = entry.weight_at(ctx.step)
     total = total + weight * value
     metrics[entry.name] = value

@@ -6,9 +6,10 @@ Sinkhorn-Knopp as in SwAV (Caron et al., NeurIPS 2020, facebookresearch/swav
 choice are in docs/methods.md ("CODIS").
 
 Notation: C `[K, E]` the codebook (unit rows, `outputs["codebook"]`), z `[B, E]` unit student
-embeddings, `ctx.teacher["img/codes"]` / `["txt/codes"]` `[N, K]` the teachers' balanced
-assignments of [teacher batch | queue] (N = B + queue rows, or B) made by the `codis` method with
-`sinkhorn` (rows sum to 1; the first B rows are the batch).
+embeddings, `ctx.teacher["img/codes"]` / `["txt/codes"]` `[B, K]` the teachers' balanced
+assignments of the batch and `ctx.teacher["queue"]["img/codes"]` / `["txt/codes"]` `[Q, K]` those
+of the queue rows (present when the `codis` method assigns the queue too, `sinkhorn_queue`), made
+together by `sinkhorn` (rows sum to 1). [batch | queue] has N = B + Q rows.
 
     P = softmax(z C^T / tau)                                    student assignment probabilities
     H(Q, P) = -1/B sum_i sum_k Q_ik log P_ik                    cross-entropy to target codes
@@ -83,10 +84,17 @@ def _student_log_probs(outputs, loss: str, temperature: float) -> tuple[jax.Arra
   )
 
 
-def _teacher_codes(ctx: LossContext, loss: str, batch_size: int) -> tuple[jax.Array, jax.Array]:
+def _teacher_codes(ctx: LossContext, loss: str) -> tuple[jax.Array, jax.Array]:
   """The teachers' codes of the batch rows, `[B, K]` each (image, text)."""
   require(ctx, loss, teacher=("img/codes", "txt/codes"))
-  return ctx.teacher["img/codes"][:batch_size], ctx.teacher["txt/codes"][:batch_size]
+  return ctx.teacher["img/codes"], ctx.teacher["txt/codes"]
+
+
+def _codes_with_queue(ctx: LossContext, modality: str) -> jax.Array:
+  """`[N, K]`: the batch's codes of `modality`, then the queue's when the method assigned it."""
+  codes = ctx.teacher[f"{modality}/codes"]
+  queue = (ctx.teacher.get("queue") or {}).get(f"{modality}/codes")
+  return codes if queue is None else jnp.concatenate([codes, queue])
 
 
 def _assignment_stats(log_probs: jax.Array) -> Metrics:
@@ -112,7 +120,7 @@ def code_distill(
     teacher's codes; entropy / perplexity of the image and text students' assignments together.
   """
   log_p_img, log_p_txt = _student_log_probs(outputs, "code_distill", temperature)
-  q_img, q_txt = _teacher_codes(ctx, "code_distill", log_p_img.shape[0])
+  q_img, q_txt = _teacher_codes(ctx, "code_distill")
   i2t = code_cross_entropy(q_txt, log_p_img)
   t2i = code_cross_entropy(q_img, log_p_txt)
   stats = _assignment_stats(jnp.concatenate([log_p_img, log_p_txt]))
@@ -130,7 +138,7 @@ def code_intra(
     `(loss, {"i2i", "t2t"})`.
   """
   log_p_img, log_p_txt = _student_log_probs(outputs, "code_intra", temperature)
-  q_img, q_txt = _teacher_codes(ctx, "code_intra", log_p_img.shape[0])
+  q_img, q_txt = _teacher_codes(ctx, "code_intra")
   i2i = code_cross_entropy(q_img, log_p_img)
   t2t = code_cross_entropy(q_txt, log_p_txt)
   return 0.5 * (i2i + t2t), {"i2i": i2i, "t2t": t2t}
@@ -152,7 +160,7 @@ def code_contrast(
 ) -> tuple[jax.Array, Metrics]:
   """Instance contrast through assignments: the image student's P^v_i against the text teacher's
   codes of [batch | queue] (positive: its own caption), and the text student's against the image
-  teacher's; the columns are all rows of `ctx.teacher["img/codes"]` / `["txt/codes"]`.
+  teacher's; the columns are the batch's codes followed by the queue's (`ctx.teacher["queue"]`).
 
   Args:
     temperature: tau of the student assignment softmax.
@@ -164,7 +172,7 @@ def code_contrast(
   """
   log_p_img, log_p_txt = _student_log_probs(outputs, "code_contrast", temperature)
   require(ctx, "code_contrast", teacher=("img/codes", "txt/codes"))
-  q_img, q_txt = ctx.teacher["img/codes"], ctx.teacher["txt/codes"]
+  q_img, q_txt = _codes_with_queue(ctx, "img"), _codes_with_queue(ctx, "txt")
   p_img, p_txt = jnp.exp(log_p_img), jnp.exp(log_p_txt)
   i2t = _assignment_contrast(p_img, q_txt, contrast_temperature)
   t2i = _assignment_contrast(p_txt, q_img, contrast_temperature)

@@ -7,7 +7,9 @@ teacher), and before the gradient this method adds the teachers' balanced assign
 [teacher batch | queue] to the centres (Sinkhorn-Knopp), which the codebook losses
 (`vlalign/losses/codebook.py`) use as targets:
 
-    ctx.teacher["img/codes"], ctx.teacher["txt/codes"]   [N, K], rows sum to 1 (first B: batch)
+    ctx.teacher["img/codes"], ctx.teacher["txt/codes"]   [B, K], rows sum to 1 (the batch)
+    ctx.teacher["queue"]["img/codes"], ["txt/codes"]      [Q, K], the queue rows (sinkhorn_queue:
+                                                          assigned in one Sinkhorn with the batch)
 
 It also keeps `extras["codes/last_used"]` `[K]` (the last step a code was some teacher sample's
 argmax), logs `codes/used` and `codes/dead` over the last `usage_window` steps, and can
@@ -98,20 +100,25 @@ class Codis(MomentumDistillation):
       codebook = ctx.teacher["codebook"]
     else:
       codebook = self.codebook(state.params)
-    teacher = dict(ctx.teacher)
+    teacher, queue_codes = dict(ctx.teacher), {}
     for modality, queue in (("img", "queue/img"), ("txt", "queue/txt")):
       feats = ctx.teacher[f"{modality}/emb"]
+      batch_size = feats.shape[0]
       if self.codis["sinkhorn_queue"]:
         feats = jnp.concatenate([feats, ctx.extras[queue].astype(feats.dtype)])
-      teacher[f"{modality}/codes"] = self.assign(feats, codebook)
+      codes = self.assign(feats, codebook)
+      teacher[f"{modality}/codes"] = codes[:batch_size]
+      if self.codis["sinkhorn_queue"]:
+        queue_codes[f"{modality}/codes"] = codes[batch_size:]
+    if queue_codes:
+      teacher["queue"] = queue_codes
     return ctx.replace(teacher=teacher)
 
   def after_update(self, ctx: LossContext, outputs: Outputs, params: Any) -> dict[str, Any]:
     extras = super().after_update(ctx, outputs, params)
-    batch_size = ctx.teacher["img/emb"].shape[0]
     last_used = extras["codes/last_used"]
     for modality in ("img", "txt"):
-      codes = ctx.teacher[f"{modality}/codes"][:batch_size]
+      codes = ctx.teacher[f"{modality}/codes"]
       last_used = codes_last_used(last_used, codes, ctx.step)
     if self.codis["reinit_dead"]:
       window = int(self.codis["usage_window"])

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from vlalign.data import pipeline
 from vlalign.errors import ConfigError
-from vlalign.losses import LossContext
+from vlalign.losses import LossContext, groups
 from vlalign.losses.matching import mask_tokens, sample_hard_negatives
 from vlalign.losses.momentum import clamped_temperature
 from vlalign.methods import register
@@ -140,6 +140,7 @@ class MomentumDistillation(Method):
         f"{batch_keys}; the second view 'image_aug' needs config.data.augment_views=2"
       )
     self.teacher = teacher
+    self.group_size = groups.group_size_of(config)
     self.itm = None
     if config.get("itm") is not None:
       self.itm = check_section(config, "itm", set(), {"hard_negatives"})
@@ -247,15 +248,35 @@ class MomentumDistillation(Method):
     self, out: Outputs, ctx: LossContext, rng: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
     """`(neg_text [B], neg_image [B])`: drawn from softmax(student . teacher / tau) (ALBEF) with
-    `hard_negatives`, else uniformly; pairs of the same image are never drawn."""
-    if self.itm.get("hard_negatives", True):
-      tau = clamped_temperature(out["logit_scale"])
-      sim_i2t = out["img/emb"] @ ctx.teacher["txt/emb"].T / tau
-      sim_t2i = out["txt/emb"] @ ctx.teacher["img/emb"].T / tau
-    else:
-      batch_size = out["img/emb"].shape[0]
-      sim_i2t = sim_t2i = jnp.zeros((batch_size, batch_size), jnp.float32)
-    return sample_hard_negatives(sim_i2t, sim_t2i, ctx.batch["image_id"], rng)
+    `hard_negatives`, else uniformly; pairs of the same image are never drawn. With loss groups
+    (`config.loss_group_size`), candidates come from the example's own group only, as on a GPU
+    of the official runs."""
+    batch_size = out["img/emb"].shape[0]
+    group_size = self.group_size or batch_size
+    hard = self.itm.get("hard_negatives", True)
+    tau = clamped_temperature(out["logit_scale"])
+
+    def sample(img, txt, teacher_img, teacher_txt, image_id, key):
+      if hard:
+        sim_i2t, sim_t2i = img @ teacher_txt.T / tau, txt @ teacher_img.T / tau
+      else:
+        sim_i2t = sim_t2i = jnp.zeros((img.shape[0], img.shape[0]), jnp.float32)
+      return sample_hard_negatives(sim_i2t, sim_t2i, image_id, key)
+
+    arrays = (
+      out["img/emb"],
+      out["txt/emb"],
+      ctx.teacher["img/emb"],
+      ctx.teacher["txt/emb"],
+      ctx.batch["image_id"],
+    )
+    if group_size == batch_size:
+      return sample(*arrays, rng)
+    num_groups = batch_size // group_size
+    cut = [groups.split(a, batch_size, group_size) for a in arrays]
+    neg_text, neg_image = jax.vmap(sample)(*cut, groups.group_keys(rng, num_groups))
+    offset = (jnp.arange(num_groups, dtype=jnp.int32) * group_size)[:, None]
+    return (neg_text + offset).reshape(batch_size), (neg_image + offset).reshape(batch_size)
 
   def forward(self, params: Any, ctx: LossContext) -> Outputs:
     batch = ctx.batch
