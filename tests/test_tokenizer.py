@@ -90,3 +90,31 @@ def test_shapes_tokenizer_fits_the_config_vocabulary():
 def test_unknown_tokenizer_name_is_a_clear_error():
   with pytest.raises(ValueError, match="'bert_base'"):
     tk.build_tokenizer(ml_collections.ConfigDict(dict(tokenizer="bert_base")))
+
+
+@pytest.mark.parametrize(
+  ("caption", "want"),
+  [
+    ("A man's dog, running (fast)!", "a mans dog running fast"),
+    ("Two  people -- on a half-pipe/ramp.", "two people on a half pipe ramp"),
+    ("<person> rides a bike; #1 ~ok~\n", "person rides a bike 1 ok"),
+    (" ".join(f"w{i}" for i in range(40)), " ".join(f"w{i}" for i in range(30))),
+  ],
+)
+def test_albef_pre_caption_cleans_as_the_official_code(caption, want):
+  assert tk.albef_pre_caption(caption, 30) == want
+
+
+def test_caption_preprocess_cleans_before_tokenizing():
+  plain = tk.build_tokenizer({"tokenizer": "shapes_words"})
+  cleaned = tk.build_tokenizer({"tokenizer": "shapes_words", "caption_preprocess": "albef"})
+  text = "A RED circle, LEFT of a blue square."
+  ids, mask = cleaned.encode(text, 16)
+  want_ids, want_mask = plain.encode("a red circle left of a blue square", 16)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  batch_ids, _ = cleaned.encode_batch([text, text], 16)
+  np.testing.assert_array_equal(batch_ids[1], want_ids)
+  assert cleaned.mask_id == plain.mask_id and cleaned.vocab_size == plain.vocab_size
+  with pytest.raises(ValueError, match="caption_preprocess"):
+    tk.build_tokenizer({"tokenizer": "shapes_words", "caption_preprocess": "lower"})

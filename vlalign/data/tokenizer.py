@@ -332,6 +332,56 @@ class PromptTokenizer:
     return self.base.decode(ids)
 
 
+_ALBEF_PUNCTUATION = re.compile(r"([,.'!?\"()*#:;~])")
+_RUNS_OF_SPACES = re.compile(r"\s{2,}")
+
+
+def albef_pre_caption(caption: str, max_words: int = 30) -> str:
+  """ALBEF / TCL's caption cleaning (`dataset/utils.py: pre_caption`, applied to every training
+  and evaluation caption there): lower case; drop `, . ' ! ? " ( ) * # : ; ~`; `-` and `/` become
+  spaces and `<person>` the word person; runs of whitespace become one space; strip; keep the first
+  `max_words` space-separated words."""
+  text = _ALBEF_PUNCTUATION.sub("", caption.lower())
+  text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+  text = _RUNS_OF_SPACES.sub(" ", text).rstrip("\n").strip(" ")
+  words = text.split(" ")
+  return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+CAPTION_CLEANERS = ("none", "albef")
+
+
+class CleanedTokenizer:
+  """A tokenizer that cleans every text first (`data.caption_preprocess`); the rest is the base
+  tokenizer's.
+
+  Args:
+    base: any tokenizer of this module.
+    max_words: words kept by `albef_pre_caption` (ALBEF / TCL: 30).
+  """
+
+  def __init__(self, base: Tokenizer, max_words: int = 30):
+    self.base = base
+    self.max_words = int(max_words)
+    for name in ("vocab_size", "pad_id", "cls_id", "eos_id", "mask_id", "unk_id"):
+      setattr(self, name, getattr(base, name))
+
+  def clean(self, text: str) -> str:
+    return albef_pre_caption(text, self.max_words)
+
+  def token_ids(self, text: str) -> list[int]:
+    return self.base.token_ids(self.clean(text))
+
+  def encode(self, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.base.encode(self.clean(text), max_len)
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.base.encode_batch([self.clean(t) for t in texts], max_len)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self.base.decode(ids)
+
+
 TOKENIZERS = ("shapes_words", "tokenizer_json", "sentencepiece")
 
 
@@ -339,8 +389,17 @@ def build_tokenizer(data_config: Any) -> Tokenizer:
   """The tokenizer named by `data_config.tokenizer` (default "shapes_words"); `tokenizer_json` and
   `sentencepiece` read `data_config.tokenizer_path` (a location as in
   `vlalign.weights.hf.resolve_location`). With `data_config.text_template` set, every text goes
-  through that prompt (`PromptTokenizer`)."""
+  through that prompt (`PromptTokenizer`). With `data.caption_preprocess = "albef"`, every text is
+  first cleaned as ALBEF / TCL clean captions (`albef_pre_caption`, `data.caption_max_words` 30)."""
   base = _base_tokenizer(data_config)
+  cleaner = data_config.get("caption_preprocess") or "none"
+  if cleaner not in CAPTION_CLEANERS:
+    raise ConfigError(
+      f"data.caption_preprocess={cleaner!r} is not one of {CAPTION_CLEANERS} (albef: ALBEF / "
+      "TCL's pre_caption)"
+    )
+  if cleaner == "albef":
+    base = CleanedTokenizer(base, int(data_config.get("caption_max_words", 30)))
   template = data_config.get("text_template")
   return PromptTokenizer(base, template) if template else base
 
