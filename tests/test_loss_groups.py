@@ -246,3 +246,26 @@ def test_grouped_tcl_step_on_8_devices_equals_one_device():
     jax.device_put(host_state, device), jax.device_put(batch, device)
   )
   assert abs(float(global_metrics["tcl_ita"]) - float(metrics1["tcl_ita"])) > 1e-5
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_itm_exclude_same_image_switch(exclude):
+  """Pre-training (False) excludes only the pair itself, so a caption of the same image can be a
+  negative; retrieval fine-tuning (True, the default) never draws one."""
+  setup = _tcl_grouped(0)
+  method = setup.method
+  method.itm = {**method.itm, "exclude_same_image": exclude}
+  batch_size = setup.config.batch_size
+  rng = np.random.default_rng(1)
+  img = _unit(rng, batch_size, 16)
+  partner = np.arange(batch_size) ^ 1  # examples 2k and 2k+1 show the same image
+  out = {"img/emb": img, "txt/emb": img, "logit_scale": np.float32(math.log(1 / 0.07))}
+  teacher = {"img/emb": img[partner], "txt/emb": img[partner]}  # the partner is the hardest
+  batch = {"image_id": (np.arange(batch_size) // 2).astype(np.int32)}
+  ctx = losses.context(teacher=teacher, batch=batch)
+  drawn = [
+    jax.device_get(method.itm_negatives(out, ctx, jax.random.PRNGKey(s))[0]) for s in range(4)
+  ]
+  hits = sum(int(np.sum(d == partner)) for d in drawn)
+  assert all(np.all(d != np.arange(batch_size)) for d in drawn)
+  assert (hits == 0) if exclude else (hits > batch_size)

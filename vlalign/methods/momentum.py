@@ -11,8 +11,10 @@ Config sections this method reads:
            optional image_key ("image"; TCL: "image_aug", the second view), dropout (True: the
            teacher runs in train mode, so its text is a dropout view), queue_image_id (False)
   itm:     optional; present = ITM on positives + one negative image per text and one negative text
-           per image; field hard_negatives (True: sampled from the ITC softmax as ALBEF; False:
-           uniform among the allowed pairs). Needs a model with `itm_pairs` (model.name="albef").
+           per image; fields hard_negatives (True: sampled from the ITC softmax as ALBEF; False:
+           uniform among the allowed pairs), exclude_same_image (True: pairs of the same image_id
+           are never negatives, as retrieval fine-tuning; False: only the pair itself, as ALBEF /
+           TCL pre-training). Needs a model with `itm_pairs` (model.name="albef").
   mlm:     optional; present = image-conditioned MLM on BERT-masked text; fields prob (0.15),
            mask_id, special_ids (default: the tokenizer's [MASK] and ([CLS], [PAD])).
 
@@ -143,7 +145,7 @@ class MomentumDistillation(Method):
     self.group_size = groups.group_size_of(config)
     self.itm = None
     if config.get("itm") is not None:
-      self.itm = check_section(config, "itm", set(), {"hard_negatives"})
+      self.itm = check_section(config, "itm", set(), {"hard_negatives", "exclude_same_image"})
       self._require_model_method("itm_pairs", "itm")
     self.mlm = None
     if config.get("mlm") is not None:
@@ -248,7 +250,8 @@ class MomentumDistillation(Method):
     self, out: Outputs, ctx: LossContext, rng: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
     """`(neg_text [B], neg_image [B])`: drawn from softmax(student . teacher / tau) (ALBEF) with
-    `hard_negatives`, else uniformly; pairs of the same image are never drawn. With loss groups
+    `hard_negatives`, else uniformly; pairs of the same image are never drawn (with
+    `exclude_same_image`; else only the pair itself is excluded). With loss groups
     (`config.loss_group_size`), candidates come from the example's own group only, as on a GPU
     of the official runs."""
     batch_size = out["img/emb"].shape[0]
@@ -263,12 +266,15 @@ class MomentumDistillation(Method):
         sim_i2t = sim_t2i = jnp.zeros((img.shape[0], img.shape[0]), jnp.float32)
       return sample_hard_negatives(sim_i2t, sim_t2i, image_id, key)
 
+    image_id = ctx.batch["image_id"]
+    if not self.itm.get("exclude_same_image", True):  # ALBEF pre-training: the diagonal only
+      image_id = jnp.arange(batch_size, dtype=jnp.int32)
     arrays = (
       out["img/emb"],
       out["txt/emb"],
       ctx.teacher["img/emb"],
       ctx.teacher["txt/emb"],
-      ctx.batch["image_id"],
+      image_id,
     )
     if group_size == batch_size:
       return sample(*arrays, rng)
