@@ -3,8 +3,8 @@
 Reference: uta-smile/TCL `models/model_pretrain.py`, `ALBEF.forward` (`loss_i2i`, `loss_t2t`,
 `loss_ita`).
 
-Equations (s = student, t = momentum teacher, Q = queue, tau = clamped student temperature, e_i the
-one-hot target of column i):
+Equations (s = student, t = momentum teacher, Q = queue, tau = clamped student temperature
+`vlalign.losses.momentum.temperature`, e_i the one-hot target of column i):
 
     i2i = mean_i CE(s_img_i . [t_img | Q_img] / tau, e_i)   student image (view 1) vs teacher image
                                                              (view 2) and the image queue
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from vlalign.losses import LossContext, Metrics, register, require
 from vlalign.losses.local_mi import lmi_terms
 from vlalign.losses.momentum import (
-  clamped_temperature,
   cma_terms,
   positives_for,
   soft_cross_entropy,
+  temperature,
   with_queue,
 )
 
@@ -44,7 +44,7 @@ def imc_terms(
 ) -> dict[str, jax.Array]:
   """`{"i2i", "t2t", "temperature"}`, each `[]` (see the module docstring)."""
   require(ctx, "imc", teacher=("img/emb", "txt/emb"), extras=("queue/img", "queue/txt"))
-  tau = clamped_temperature(outputs["logit_scale"])
+  tau = temperature(outputs)
   img_all = with_queue(ctx, "img/emb", "queue/img")
   txt_all = with_queue(ctx, "txt/emb", "queue/txt")
   targets = positives_for(ctx, img_all.shape[0], match_image_id, "imc")

@@ -21,7 +21,7 @@ validity v_{j,k}:
   to +10000 and padded negatives / same-sample negatives to -10000 before the softmax; here padded
   positives are multiplied by zero and excluded negatives get a logit of -1e9, which gives the same
   values (exp underflows to exactly 0 in float32) and no gradient through padded features.
-* tau is the clamped student temperature (`vlalign.losses.momentum.clamped_temperature`).
+* tau is the clamped student temperature (`vlalign.losses.momentum.temperature`).
 
 Decisions where the reference is silent or does not apply:
 
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.losses import LossContext, Metrics, register, require
-from vlalign.losses.momentum import clamped_temperature, teacher_array
+from vlalign.losses.momentum import teacher_array, temperature
 
 _EXCLUDED_LOGIT = -1e9
 
@@ -107,7 +107,7 @@ def lmi_terms(
 ) -> dict[str, jax.Array]:
   """`{"img", "txt"}`: the image and text LMI terms, each `[]`."""
   require(ctx, "lmi", teacher=("img/tokens_emb", "txt/tokens_emb"))
-  tau = clamped_temperature(outputs["logit_scale"])
+  tau = temperature(outputs)
   img_locals = pool_patches(teacher_array(ctx, "img/tokens_emb"), grid)
   txt_locals = teacher_array(ctx, "txt/tokens_emb")[:, 1:]
   txt_valid = ctx.batch["text_mask"][:, 1:]

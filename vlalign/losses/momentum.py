@@ -19,14 +19,29 @@ Equations (s = student, t = momentum teacher, tau = temperature, Q = queue):
     cma = (i2t + t2i) / 2.
   This is exactly ALBEF's own `loss_ita`, so ALBEF configs use `cma` for it (no separate `ita`).
 
-Temperature mapping. TCL stores tau itself as a parameter (init 0.07) and clamps it in place,
-`self.temp.clamp_(0.001, 0.5)` under `no_grad`, at the start of every forward; the loss then divides
-by the clamped tau, which also receives the gradient. We store `logit_scale = log(1 / tau)` and use
-`tau = clip(exp(-logit_scale), 0.001, 0.5)` in the forward pass. The loss values are identical; the
-gradient differs only while the raw parameter lies outside the range (then ours is zero, TCL's is
-the gradient at the bound). The step may project `logit_scale` into [log 2, log 1000] after each
-update to reproduce TCL exactly. The teacher similarities use the same (student) tau without
-gradient, as in the reference, where `temp` is not one of the EMA-tracked parameters.
+Temperature. ALBEF / TCL store tau itself as a parameter (`self.temp`, init 0.07) and clamp it in
+place, `self.temp.clamp_(0.001, 0.5)` under `no_grad`, at the start of every forward; the loss then
+divides by the clamped tau, which receives the plain gradient (also at a bound), and timm's AdamW
+applies its decoupled weight decay to it (a 0-d parameter). Every ALBEF / TCL loss reads tau through
+`temperature(outputs)`, which serves the model's two modes (`model.temperature`,
+`vlalign/models/model.py`):
+
+* "logit_scale" (default): the model learns `logit_scale = log(1 / tau)` and the loss uses
+  `tau = clip(exp(-logit_scale), 0.001, 0.5)` (`clamped_temperature`). The forward values equal the
+  reference's for the same tau, but the training does not: Adam's update of a parameter is about
+  lr * sign(gradient) whatever its scale, so a step changes log(1 / tau) by about lr, that is tau by
+  about lr * tau (0.07 lr at init), where the reference changes tau by about lr (plus the weight
+  decay lr * wd * tau, which the default decay rule does not apply to `logit_scale`). Outside the
+  clamp range the gradient is also zero here, and the raw parameter is not projected back unless
+  `optim.clamp=(("logit_scale", ln 2, ln 1000),)` asks for it.
+* "tau": the model learns `temp` = tau itself and outputs `temperature`, its value clamped to
+  `model.temperature_range` ([0.001, 0.5]; None: unclamped, as the reference's retrieval model,
+  which never clamps) with a straight-through gradient; with `optim.clamp=(("temp", 0.001, 0.5),)`
+  and "temp" in `optim.decay` (`vlalign/optim.py`) this is the reference's parametrisation, clamp
+  and optimiser step.
+
+The teacher similarities use the same (student) tau without gradient, as in the reference, where
+`temp` is not one of the EMA-tracked parameters.
 
 Decisions where the reference is silent or does not apply:
 
@@ -82,6 +97,16 @@ def clamped_temperature(logit_scale: jax.Array) -> jax.Array:
   """tau = clip(exp(-logit_scale), 0.001, 0.5): TCL's clamped `temp` (see the module docstring)."""
   tau = jnp.exp(-jnp.asarray(logit_scale, jnp.float32))
   return jnp.clip(tau, TEMPERATURE_MIN, TEMPERATURE_MAX)
+
+
+def temperature(outputs: dict[str, jax.Array]) -> jax.Array:
+  """The temperature tau `[]` float32 of the ALBEF / TCL losses: `outputs["temperature"]` when
+  the model learns tau itself (`model.temperature="tau"`; clamped by the model to its
+  `temperature_range`), else `clamped_temperature(outputs["logit_scale"])` (see the module
+  docstring)."""
+  if "temperature" in outputs:
+    return jnp.asarray(outputs["temperature"], jnp.float32)
+  return clamped_temperature(outputs["logit_scale"])
 
 
 def teacher_array(ctx: LossContext, key: str) -> jax.Array:
@@ -167,7 +192,7 @@ def cma_terms(
     extras=("queue/img", "queue/txt"),
     schedules=("alpha",),
   )
-  tau = clamped_temperature(outputs["logit_scale"])
+  tau = temperature(outputs)
   alpha = jax.lax.stop_gradient(jnp.asarray(ctx.schedules["alpha"], jnp.float32))
   img_all = with_queue(ctx, "img/emb", "queue/img")
   txt_all = with_queue(ctx, "txt/emb", "queue/txt")
@@ -184,7 +209,8 @@ def cma(
 ) -> tuple[jax.Array, Metrics]:
   """Cross-modal alignment with queues and momentum distillation (= ALBEF `loss_ita`).
 
-  Reads `outputs["img/emb"]`, `outputs["txt/emb"]` `[B, E]`, `outputs["logit_scale"]` `[]`,
+  Reads `outputs["img/emb"]`, `outputs["txt/emb"]` `[B, E]`, `outputs["temperature"]` or
+  `outputs["logit_scale"]` `[]` (`temperature`),
   `ctx.teacher["img/emb"]`, `ctx.teacher["txt/emb"]` `[B, E]`, `ctx.extras["queue/img"]`,
   `ctx.extras["queue/txt"]` `[K, E]`, `ctx.schedules["alpha"]` `[]`.
 

@@ -44,7 +44,7 @@ from vlalign.data import pipeline
 from vlalign.errors import ConfigError
 from vlalign.losses import LossContext, groups
 from vlalign.losses.matching import mask_tokens, sample_hard_negatives
-from vlalign.losses.momentum import clamped_temperature
+from vlalign.losses.momentum import temperature
 from vlalign.methods import register
 from vlalign.methods.base import Batch, Method, Outputs, check_section
 
@@ -257,7 +257,7 @@ class MomentumDistillation(Method):
     batch_size = out["img/emb"].shape[0]
     group_size = self.group_size or batch_size
     hard = self.itm.get("hard_negatives", True)
-    tau = clamped_temperature(out["logit_scale"])
+    tau = temperature(out)
 
     def sample(img, txt, teacher_img, teacher_txt, image_id, key):
       if hard:

@@ -6,6 +6,24 @@ Model config fields (see configs/common.py):
   name: a registered model ("two_tower" | "albef")          embed_dim: E
   dtype: "float32" | "bfloat16"        (compute dtype; parameters stay float32)
   logit_scale_init: log inverse temperature, e.g. math.log(1 / 0.07)
+  temperature: how the temperature tau is learned (for ALBEF / TCL; CLIP, SigLIP and the other
+               losses read the output `logit_scale`, which both modes give):
+    "logit_scale" (default): the parameter `logit_scale` = log(1 / tau), output unchanged; the
+                  ALBEF / TCL losses clamp exp(-logit_scale) to [0.001, 0.5] themselves.
+    "tau": the parameter `temp` = tau itself (ALBEF's `self.temp`), float32, initialised to
+           exp(-logit_scale_init) (0.07). The forward value is clamped to `temperature_range`
+           (default [0.001, 0.5]) with a straight-through gradient (value clamped, derivative 1),
+           as the reference's in-place `temp.clamp_(0.001, 0.5)` under `no_grad` before the
+           forward: the loss is divided by the clamped value and `temp` receives the plain
+           gradient even at a bound. Outputs `temperature` (the clamped tau) and `logit_scale`
+           = -log(temperature). To keep the stored `temp` in range as the in-place clamp does, add
+           `optim.clamp=(("temp", 0.001, 0.5),)` (`vlalign/optim.py`); to decay it as timm's
+           AdamW does, add "temp" to `optim.decay`. Adam moves tau and log(1 / tau) differently
+           (a step changes tau by about lr in the first case, by about lr * tau in the second),
+           so the two modes train differently even inside the range.
+  temperature_range: tau mode only: the forward clamp (lo, hi), default `TEMPERATURE_RANGE`;
+                     None: no clamp, as the reference's retrieval fine-tuning model
+                     (`models/model_retrieval.py` never clamps `temp`)
   logit_bias_init: None, or the SigLIP bias init (e.g. -10)
   proj_hidden: None (linear projections) or the hidden width of MLP projections
   proj_bias: bias in the projections (default: False for two_tower, True for albef as in ALBEF)
@@ -24,18 +42,77 @@ Model config fields (see configs/common.py):
               reuses the text token embedding table)
 """
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlalign.errors import ConfigError
 from vlalign.models import MODELS, build_tower
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Codebook, Projection, l2_normalize
 
 Batch = dict[str, jax.Array]
 Outputs = dict[str, jax.Array]
+
+TEMPERATURE_MODES = ("logit_scale", "tau")
+# ALBEF / TCL's `temp.clamp_(0.001, 0.5)`; the same bounds as the ALBEF / TCL losses'
+# (`vlalign.losses.momentum.TEMPERATURE_MIN` / `TEMPERATURE_MAX`, not imported: models never
+# import losses).
+TEMPERATURE_RANGE = (0.001, 0.5)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def clip_straight_through(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """`clip(x, lo, hi)` whose derivative is 1 everywhere (the gradient passes the clip as if it
+  were the identity), like a parameter clamped in place before the forward pass.
+
+  Args:
+    x: any shape.
+    lo, hi: the bounds.
+
+  Returns:
+    `clip(x, lo, hi)`, the shape of `x`.
+  """
+  return jnp.clip(x, lo, hi)
+
+
+@clip_straight_through.defjvp
+def _clip_straight_through_jvp(lo, hi, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return clip_straight_through(x, lo, hi), dx
+
+
+def temperature_mode(config: Any) -> str:
+  """`config.temperature` (default "logit_scale"), checked."""
+  mode = config.get("temperature", "logit_scale")
+  if mode not in TEMPERATURE_MODES:
+    raise ConfigError(f"config.model.temperature={mode!r} must be one of {TEMPERATURE_MODES}")
+  if mode != "tau" and "temperature_range" in config:
+    raise ConfigError(
+      "config.model.temperature_range applies to temperature='tau' only (the ALBEF / TCL losses "
+      "clamp exp(-logit_scale) to [0.001, 0.5] themselves)"
+    )
+  return mode
+
+
+def temperature_range(config: Any) -> tuple[float, float] | None:
+  """The tau-mode forward clamp `config.temperature_range` (lo, hi), checked; None: no clamp."""
+  bounds = config.get("temperature_range", TEMPERATURE_RANGE)
+  if bounds is None:
+    return None
+  try:
+    lo, hi = (float(b) for b in bounds)
+  except (TypeError, ValueError):
+    raise ConfigError(
+      f"config.model.temperature_range={bounds!r} must be (lo, hi) or None"
+    ) from None
+  if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+    raise ConfigError(f"config.model.temperature_range={bounds!r} needs 0 < lo < hi, finite")
+  return lo, hi
 
 
 @MODELS.register("two_tower")
@@ -44,7 +121,9 @@ class TwoTower(nn.Module):
   projection into the joint space.
 
   `__call__(batch, train)` returns `img/cls`, `img/tokens`, `txt/cls`, `txt/tokens`, `img/emb`,
-  `txt/emb` (`[B, E]` float32, unit norm), `logit_scale` and, when configured, `logit_bias`.
+  `txt/emb` (`[B, E]` float32, unit norm), `logit_scale` `[]` and, when configured,
+  `logit_bias` `[]`; with `temperature="tau"` also `temperature` `[]` (tau clamped to
+  `temperature_range`, and then `logit_scale` = -log(temperature); see the module docstring).
   `init` through `__call__` creates every parameter `encode_image` and `encode_text` use.
   """
 
@@ -63,9 +142,15 @@ class TwoTower(nn.Module):
       self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
     else:  # The towers' pooled outputs are the embeddings (SigLIP's MAP head and text head).
       self.image_proj = self.text_proj = lambda x: x
-    self.logit_scale = self.param(
-      "logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32
-    )
+    if temperature_mode(c) == "tau":
+      temperature_range(c)  # Checked here, before any forward pass.
+      self.temp = self.param(
+        "temp", nn.initializers.constant(math.exp(-c.logit_scale_init)), (), jnp.float32
+      )
+    else:
+      self.logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32
+      )
     if c.get("logit_bias_init") is not None:
       self.logit_bias = self.param(
         "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32
@@ -93,9 +178,14 @@ class TwoTower(nn.Module):
     }
 
   def scalars(self) -> Outputs:
-    """`logit_scale` (and `logit_bias` when configured), float32 scalars, and the `codebook`
-    `[K, E]` when configured: what does not depend on the batch."""
-    out = {"logit_scale": self.logit_scale}
+    """`logit_scale` (and `temperature` in tau mode, `logit_bias` when configured), float32
+    scalars, and the `codebook` `[K, E]` when configured: what does not depend on the batch."""
+    if temperature_mode(self.config) == "tau":
+      bounds = temperature_range(self.config)
+      tau = self.temp if bounds is None else clip_straight_through(self.temp, *bounds)
+      out = {"temperature": tau, "logit_scale": -jnp.log(tau)}
+    else:
+      out = {"logit_scale": self.logit_scale}
     if self.config.get("logit_bias_init") is not None:
       out["logit_bias"] = self.logit_bias
     if self.config.get("codebook_size"):
@@ -116,8 +206,9 @@ class ALBEFModel(TwoTower):
   """ALBEF / TCL: `TwoTower` + a fusion encoder over (text tokens, image tokens) + ITM / MLM heads.
 
   The text tower is the `config.text.depth` text-only layers; `FusionEncoder(config.fusion_depth)`
-  plays BERT's upper cross-attention layers. `logit_scale` is the log inverse temperature (ALBEF /
-  TCL clamp the temperature to [0.001, 0.5] in the loss, not here).
+  plays BERT's upper cross-attention layers. The temperature is learned as `logit_scale` (the log
+  inverse temperature; the ALBEF / TCL losses clamp tau to [0.001, 0.5]) or, with
+  `temperature="tau"`, as tau itself, ALBEF's `temp` (see the module docstring).
 
   On top of `TwoTower`'s keys, `__call__` (and `encode_image` / `encode_text`) return
   `img/all_tokens` `[B, 1+N, Di]` (CLS + patches: the fusion input), `img/tokens_emb` `[B, N, E]`
