@@ -170,6 +170,59 @@ def test_eval_data_index_maps_are_consistent():
   assert sorted(data["img2txt"].ravel().tolist()) == list(range(5 * n))
 
 
+def _eval_texts(config) -> dict[str, int]:
+  """The token length of every evaluation text of `config`: retrieval captions, zero-shot
+  prompts (built as the trainer builds evaluators)."""
+  from vlalign import evaluation  # noqa: PLC0415
+
+  encode = lambda params, *arrays: np.zeros((len(arrays[0]), 4), np.float32)
+  evaluators = evaluation.build_evaluators(
+    dict(
+      retrieval=dict(type="retrieval", split="test"),
+      zeroshot=dict(type="zeroshot", split="test", task="color"),
+    ),
+    predict={"encode_image": encode, "encode_text": encode},
+    tokenizer=TOKENIZER,
+    data_config=config,
+    default_batch_size=8,
+  )
+  return {
+    "retrieval": evaluators["retrieval"].text_ids.shape[1],
+    "zeroshot": evaluators["zeroshot"].max_len,
+    "eval_data": pipeline.make_eval_data(config, TOKENIZER, "val")["text_ids"].shape[1],
+  }
+
+
+def test_eval_max_len_sets_every_evaluation_text_and_leaves_train_batches_alone():
+  """ALBEF/TCL: pre-training captions of 25 tokens, retrieval evaluated on 30."""
+  config = _config(max_len=25, eval_max_len=30)
+  batch = next(iter(_train(config, batch=8)))
+  assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 25)
+  assert pipeline.train_batch_spec(config, 8)["text_ids"].shape == (8, 25)
+  assert pipeline.eval_text_len(config) == 30
+  assert _eval_texts(config) == {"retrieval": 30, "zeroshot": 30, "eval_data": 30}
+
+
+@pytest.mark.parametrize("eval_max_len", ["absent", None])
+def test_without_eval_max_len_evaluation_uses_max_len(eval_max_len):
+  config = _config() if eval_max_len == "absent" else _config(eval_max_len=None)
+  assert pipeline.eval_text_len(config) == MAX_LEN
+  assert _eval_texts(config) == {"retrieval": MAX_LEN, "zeroshot": MAX_LEN, "eval_data": MAX_LEN}
+
+
+def test_text_lengths_are_checked_against_the_text_position_table():
+  tower = dict(kind="text_transformer", max_len=24)
+  pipeline.check_text_lengths(_config(max_len=16, eval_max_len=24), tower)
+  pipeline.check_text_lengths(_config(max_len=16, eval_max_len=30), dict(kind="x"))  # no table
+  with pytest.raises(ValueError, match=r"data.eval_max_len=30 exceeds model.text.max_len=24"):
+    pipeline.check_text_lengths(_config(max_len=16, eval_max_len=30), tower)
+  with pytest.raises(ValueError, match=r"data.max_len=25 exceeds model.text.max_len=24"):
+    pipeline.check_text_lengths(_config(max_len=25), tower)
+  for bad in (1, 30.0, True, "30"):
+    with pytest.raises(ValueError, match=r"data.eval_max_len=.* must be an integer >= 2"):
+      pipeline.eval_text_len(_config(eval_max_len=bad))
+
+
 def test_zeroshot_data_keeps_single_object_images_with_their_labels():
   data = pipeline.make_zeroshot_data(_config(), "test", "color")
   source = shapes.ShapesSource("test", num_examples=40, image_size=SIZE, seed=1)

@@ -123,6 +123,7 @@ def build(config: ml_collections.ConfigDict, data: bool = True) -> Setup:
       f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size="
       f"{vocab_size}; raise model.text.vocab_size"
     )
+  pipeline.check_text_lengths(config.data, config.model.text)
   model = build_model(config.model)
   method = build_method(config, model, tokenizer)
   check_sections(config, method)

@@ -9,6 +9,9 @@ source spec per split used (`train`, `val`, `test`, or any name an evaluator's `
 `vlalign.data.files`), `paths` (`{name: path}` substituted for `{name}` in the specs' strings, so a
 command line sets `--config.data.paths.coco=/data/coco`), `resize` ("squash" / "center_crop"),
 `decoder` ("pil" / "simplejpeg") and `eval_threads` (decoding threads of evaluation images, 8).
+`max_len` is the token length of train captions; `eval_max_len` (default: `max_len`) that of every
+evaluation text (retrieval captions, zero-shot prompts; `eval_text_len`), as ALBEF/TCL pre-train on
+25 tokens and evaluate retrieval on 30. `check_text_lengths` checks both against the text tower.
 Train-only fields:
 
 - `augment`: None / absent (train images unchanged) or a dict for `augment.build_augment`, e.g.
@@ -178,6 +181,34 @@ def check_train_split(data_config: Any, global_batch_size: int, process_count: i
       f"process's shard (train split: {size}, {process_count} processes); use a smaller batch "
       "or a larger train_size"
     )
+
+
+def eval_text_len(data_config: Any) -> int:
+  """The token length `L` of evaluation texts: `data.eval_max_len`, or `data.max_len` when it is
+  unset (None or absent)."""
+  value = _field(data_config, "eval_max_len")
+  field = "max_len" if value is None else "eval_max_len"
+  value = data_config["max_len"] if value is None else value
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+    raise ConfigError(f"data.{field}={value!r} must be an integer >= 2 ([CLS] / [EOS] and a token)")
+  return int(value)
+
+
+def check_text_lengths(data_config: Any, text_config: Any) -> None:
+  """ConfigError when `data.max_len` or `data.eval_max_len` exceeds the text tower's position
+  table (`model.text.max_len`, when the tower config sets it), before anything is traced: the
+  tower refuses longer texts itself, but only once it runs on them (train batches when the model
+  is initialised, evaluation texts at the first evaluation, possibly hours later)."""
+  lengths = {"max_len": int(data_config["max_len"]), "eval_max_len": eval_text_len(data_config)}
+  table = text_config.get("max_len") if text_config is not None else None
+  if table is None:
+    return
+  for field, length in lengths.items():
+    if length > int(table):
+      raise ConfigError(
+        f"data.{field}={length} exceeds model.text.max_len={table} (the text tower's position "
+        f"table); shorten data.{field} or give the tower more positions"
+      )
 
 
 def truncated_fraction(
@@ -436,7 +467,7 @@ def _examples(source: shapes.ShapesSource) -> list[dict]:
 
 
 def make_eval_data(data_config: Any, tokenizer: Any, split: str) -> dict[str, np.ndarray]:
-  """The whole `split` for retrieval.
+  """The whole `split` for retrieval; captions are `L = eval_text_len(data_config)` tokens.
 
   Returns:
     `images` float32 `[N, H, W, 3]` (normalised; for a file split an `ImageRows` that decodes the
@@ -451,7 +482,7 @@ def make_eval_data(data_config: Any, tokenizer: Any, split: str) -> dict[str, np
   examples = _examples(source)
   captions = [c for ex in examples for c in ex["captions"]]
   per_image = len(examples[0]["captions"])
-  text_ids, text_mask = tokenizer.encode_batch(captions, int(data_config["max_len"]))
+  text_ids, text_mask = tokenizer.encode_batch(captions, eval_text_len(data_config))
   num_images = len(examples)
   return {
     "images": T.normalize_image(np.stack([ex["image"] for ex in examples])),
@@ -511,7 +542,7 @@ def _streamed_eval_data(source: Any, data_config: Any, tokenizer: Any) -> dict[s
   if not kept:
     raise ConfigError(f"{source!r} holds no example with a caption")
   texts = [c for i in kept for c in captions[i]]
-  text_ids, text_mask = tokenizer.encode_batch(texts, int(data_config["max_len"]))
+  text_ids, text_mask = tokenizer.encode_batch(texts, eval_text_len(data_config))
   txt2img, img2txt = caption_maps([len(captions[i]) for i in kept])
   threads = int(_field(data_config, "eval_threads", 8))
   return {

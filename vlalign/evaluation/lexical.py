@@ -59,7 +59,8 @@ Settings (besides `every_steps` and `batch_size`), e.g.
 
 * `patchdis`: `split` (required); `task` "shape" (default) or "color"; `templates` (default: the
   zero-shot task's, `shapes.ZEROSHOT_TASKS[task].templates`); `background_threshold` (default 0.2);
-  `max_images` (default: the whole split); `max_len` of the prompts (default `data.max_len`).
+  `max_images` (default: the whole split); `max_len` of the prompts (default `data.eval_max_len`,
+  itself defaulting to `data.max_len`).
 * `lexical_words`: `split` (required); `k` (default 5); `ignore_words` (default
   `DEFAULT_IGNORE_WORDS`); `max_images` (default: the whole split).
 
@@ -524,7 +525,7 @@ def build_patchdis(name: str, settings: dict, ctx: EvalContext) -> PatchDisEvalu
     max_images=max_images,
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),
-    max_len=settings["max_len"] if "max_len" in settings else ctx.data_config["max_len"],
+    max_len=settings.get("max_len", pipeline.eval_text_len(ctx.data_config)),
   )
 
 

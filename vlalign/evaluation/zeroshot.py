@@ -317,7 +317,8 @@ _DATASET_DEFAULTS = {
 @EVALUATORS.register("zeroshot")
 def build_zeroshot(name: str, settings: dict, ctx: EvalContext) -> Any:
   """Builder for `type: "zeroshot"`: fields `split` + `task` (the shapes dataset) or `dataset`
-  (labelled images on disk, see `build_streaming`), and `max_len`, `every_steps`, `batch_size`."""
+  (labelled images on disk, see `build_streaming`), and `max_len` (of the prompts; default
+  `data.eval_max_len`, itself defaulting to `data.max_len`), `every_steps`, `batch_size`."""
   if "dataset" in settings:
     return build_streaming(name, settings, ctx)
   check_keys(name, settings, {"split", "task"}, {"max_len"})
@@ -336,7 +337,7 @@ def build_zeroshot(name: str, settings: dict, ctx: EvalContext) -> Any:
     pipeline.make_zeroshot_data(ctx.data_config, settings["split"], settings["task"]),
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),
-    max_len=settings["max_len"] if "max_len" in settings else ctx.data_config["max_len"],
+    max_len=settings.get("max_len", pipeline.eval_text_len(ctx.data_config)),
   )
 
 
@@ -370,7 +371,7 @@ def build_streaming(
   threads, default 8). Images are decoded at `data.image_size`. With `ctx.check_only` the paths,
   fields, class names and templates are checked (the folder tree is listed) and no image is read.
   """
-  from vlalign.data import folder
+  from vlalign.data import folder, pipeline
 
   if "split" in settings or "task" in settings:
     raise ConfigError(
@@ -402,7 +403,7 @@ def build_streaming(
     image_size=int(ctx.data_config["image_size"]),
     batch_size=settings.get("batch_size", ctx.default_batch_size),
     every_steps=settings.get("every_steps", 0),
-    max_len=settings["max_len"] if "max_len" in settings else ctx.data_config["max_len"],
+    max_len=settings.get("max_len", pipeline.eval_text_len(ctx.data_config)),
     resize=options["resize"],
     decoder=options["decoder"],
     num_threads=options["num_threads"],

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
@@ -21,27 +22,136 @@ def check_patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int
   return height // patch_size, width // patch_size
 
 
-INTERPOLATIONS = ("bilinear", "bicubic")
+# `pos_interpolation` -> `torch.nn.functional.interpolate(mode=..., align_corners=False)`: the
+# plain names without antialiasing (torch's default, and the resize of DeiT/ALBEF/TCL's
+# `interpolate_pos_embed` and Hugging Face ViT/CLIP's `interpolate_pos_encoding`), the
+# `_antialias` ones with `antialias=True` (timm's `resample_abs_pos_embed`), which is what
+# `jax.image.resize` does.
+# Each equals PyTorch to float32 rounding (tests/test_pos_resize.py against torch's outputs).
+INTERPOLATIONS = ("bilinear", "bicubic", "bilinear_antialias", "bicubic_antialias")
+# PyTorch's cubic convolution coefficient (aten `UpSample.h`, `upsample_get_cubic_coefficients`);
+# Keys (1981), PIL and `jax.image.resize` use -0.5.
+TORCH_CUBIC_A = -0.75
+
+
+def _cubic(x: np.ndarray, a: float = TORCH_CUBIC_A) -> np.ndarray:
+  """Keys' cubic convolution kernel with coefficient `a` at distances `x` (any shape)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def interpolation_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
+  """`[n_out, n_in]` float64 weights of PyTorch's 1-D `interpolate(mode=method,
+  align_corners=False, antialias=False)`, `method` "bilinear" (linear) or "bicubic".
+
+  As aten's `UpSampleBicubic2d` / `UpSampleBilinear2d` (`area_pixel_compute_source_index`,
+  `get_cubic_upsample_coefficients`): output i samples the input at
+  `x = (i + 0.5) * n_in / n_out - 0.5` (clamped at 0 for linear, not for cubic); linear mixes
+  inputs `floor(x)` and `floor(x) + 1`, cubic the four inputs `floor(x) - 1 .. floor(x) + 2` with
+  `_cubic` (A = -0.75) weights; input indices are clamped to `[0, n_in - 1]` (the border value
+  repeats), so every row sums to 1. No antialiasing: shrinking samples the input, it does not
+  average it. Computed in float64: PyTorch on float32 inputs rounds `x` to float32 first, which
+  moves its outputs by about 1e-6 of the input's scale (the tests compare with its float64 run).
+  """
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  if method == "bilinear":
+    src = np.maximum(src, 0.0)
+  low = np.floor(src)
+  frac = src - low
+  if method == "bilinear":
+    offsets, taps = (0, 1), (1 - frac, frac)
+  else:
+    offsets = (-1, 0, 1, 2)
+    taps = tuple(_cubic(frac - k) for k in offsets)
+  weights = np.zeros((n_out, n_in))
+  rows = np.arange(n_out)
+  for k, tap in zip(offsets, taps):
+    np.add.at(weights, (rows, np.clip(low.astype(np.int64) + k, 0, n_in - 1)), tap)
+  return weights
 
 
 def resize_position_embedding(
   pos: jax.Array, rows: int, cols: int, method: str = "bilinear"
 ) -> jax.Array:
-  """Resizes a `[R, C, D]` grid of position embeddings to `[rows, cols, D]` (`method`: bilinear
-  or bicubic)."""
+  """Resizes a `[R, C, D]` grid of position embeddings to `[rows, cols, D]`.
+
+  Args:
+    pos: `[R, C, D]` grid (a jax or numpy array).
+    rows, cols: the new grid.
+    method: one of `INTERPOLATIONS`: "bilinear" / "bicubic" are PyTorch's `F.interpolate(...,
+      align_corners=False)` (separable weights from `interpolation_matrix`), the `_antialias`
+      variants PyTorch's with `antialias=True` (`jax.image.resize`: Keys a = -0.5 for cubic, and
+      a kernel widened by the shrink factor when shrinking). Upsampling bilinear is the same in
+      both.
+
+  Returns:
+    `[rows, cols, D]` in `pos`'s dtype; `pos` itself when the grid already has that size.
+  """
   if method not in INTERPOLATIONS:
     raise ConfigError(f"unknown pos_interpolation {method!r}; choose one of {INTERPOLATIONS}")
   if pos.shape[:2] == (rows, cols):
     return pos
-  return jax.image.resize(pos, (rows, cols, pos.shape[-1]), method=method)
+  if method.endswith("_antialias"):
+    base = method.removesuffix("_antialias")
+    return jax.image.resize(pos, (rows, cols, pos.shape[-1]), method=base, antialias=True)
+  weight_rows = interpolation_matrix(pos.shape[0], rows, method).astype(np.float32)
+  weight_cols = interpolation_matrix(pos.shape[1], cols, method).astype(np.float32)
+  out = jnp.einsum(
+    "rR,cC,RCd->rcd",
+    weight_rows,
+    weight_cols,
+    jnp.asarray(pos, jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return out.astype(pos.dtype)
+
+
+def fit_position_table(
+  value: np.ndarray,
+  shape: tuple[int, ...],
+  method: str = "bilinear",
+  distillation_token: bool = False,
+) -> np.ndarray:
+  """A stored ViT position table resized to a tower's `pos_embedding` of another image size.
+
+  ALBEF and timm interpolate a 224 px checkpoint's grid for 256 px images, ALBEF/TCL retrieval
+  its 256 px pre-training grid for 384 px fine-tuning (`interpolate_pos_embed`).
+
+  Args:
+    value: the stored table: `[heads + N, D]` (CLS, and DeiT's distillation token, first; a
+      leading batch axis of 1 is allowed, as Hugging Face stores it) or a `[R, R, D]` grid.
+    shape: the tower's `pos_embedding` shape: `[heads + n, D]` (`cls_pos_embed`) or `[g, g, D]`.
+    method: the tower's `pos_interpolation` (see `resize_position_embedding`).
+    distillation_token: the tower has DeiT's distillation token (heads = 2 with `cls_pos_embed`).
+
+  Returns:
+    An array of `shape` and `value`'s dtype: the head rows as stored, the grid resized.
+  """
+  table = np.asarray(value).reshape(-1, value.shape[-1])
+  has_cls = len(shape) == 2
+  heads = (1 + int(bool(distillation_token))) if has_cls else 0  # rows before the grid
+  head, grid = table[:heads], table[heads:]
+  side = int(round(np.sqrt(grid.shape[0])))
+  target = int(round(np.sqrt(shape[0] - heads))) if has_cls else shape[0]
+  if side * side != grid.shape[0]:
+    raise ConfigError(f"a position table of {grid.shape[0]} patches is not a square grid")
+  resized = np.asarray(
+    resize_position_embedding(grid.reshape(side, side, -1), target, target, method)
+  )
+  if not has_cls:
+    return resized.astype(value.dtype)
+  return np.concatenate([head, resized.reshape(-1, resized.shape[-1])]).astype(value.dtype)
 
 
 @TOWERS.register("vit")
 class ViT(nn.Module):
   """Pre-LN ViT with a learned CLS token (with a position embedding only if `cls_pos_embed`).
 
-  Position embeddings are learned for the `image_size` grid and bilinearly interpolated when the
-  input's patch grid differs, so a model trained at 64 px also runs on 96 px images.
+  Position embeddings are learned for the `image_size` grid and interpolated
+  (`pos_interpolation`) when the input's patch grid differs, so a model trained at 64 px also runs
+  on 96 px images.
 
   Attributes:
     width: token width D.
@@ -59,9 +169,12 @@ class ViT(nn.Module):
     layer_scale, layer_scale_init: LayerScale on every residual branch (DINOv2).
     num_registers: learned register tokens after the CLS, without position embeddings (DINOv2
       with registers, Darcet et al. 2024); they are dropped from `tokens`.
-    pos_interpolation: how the learned grid is resized to another input grid: "bilinear" or
-      "bicubic" (DINOv2, timm). JAX's bicubic kernel is Keys' a = -0.5, PyTorch's a = -0.75, so
-      resized grids are close to, not equal to, PyTorch's.
+    pos_interpolation: how the learned grid is resized to another input grid (and a checkpoint's
+      grid to another image size on import): one of `INTERPOLATIONS`, each PyTorch's
+      `F.interpolate(mode=..., align_corners=False)`: "bilinear", "bicubic" (DeiT's and
+      ALBEF/TCL's `interpolate_pos_embed`, Hugging Face ViT/CLIP at run time), or with
+      `antialias=True` "bilinear_antialias", "bicubic_antialias" (timm's `resample_abs_pos_embed`;
+      `jax.image.resize`). Upsampling, the two bilinear ones agree.
     class_token: a learned CLS token before the patches (SigLIP has none).
     pool: how `cls` is made: "cls" (the CLS token), "map" (multihead attention pooling of the
       patch tokens, SigLIP's head) or "gap" (their mean).

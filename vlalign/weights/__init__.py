@@ -7,13 +7,17 @@
     )
 
 * `target`: the sub-tree, a "/"-separated path below the `params` collection (`text_encoder`,
-  `image_encoder/encoder`).
+  `image_encoder/encoder`), or "/" for every parameter (fine-tuning a whole pre-trained model).
 * `loader`: a registered loader (`LOADERS`); its other fields are the loader's.
 
 The `checkpoint` loader reads the parameters (nothing else) of another run: fields `workdir` (a run
 directory holding `checkpoints/`, or a checkpoint directory itself), `step` (default: its latest)
 and `source` (the sub-tree there; default: `target`). The stored arrays must have the names and
-shapes of the target sub-tree, and load straight onto the target shardings.
+shapes of the target sub-tree, and load straight onto the target shardings, with one exception: a
+ViT position table (`RESIZABLE_POSITIONS`: `image_encoder/pos_embedding` of a `vit` image tower)
+stored for another patch grid is resized to the configured one with the tower's
+`pos_interpolation` (`fit_positions`), as ALBEF/TCL fine-tune retrieval at 384 px from their
+256 px pre-training (`interpolate_pos_embed`). Its CLS (and distillation) rows are kept as stored.
 
 Loaded values replace the random initialisation before anything derived from the parameters (an
 EMA teacher, the optimizer state) is made. They apply to a fresh run only: a run resuming from its
@@ -31,6 +35,7 @@ from vlalign import checkpoint as ckpt_lib
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
 from vlalign.errors import ConfigError, PathError
+from vlalign.models import vit
 from vlalign.registry import Registry
 
 # (entry fields, target keys, abstract target sub-tree, config.model) -> the sub-tree's values.
@@ -38,10 +43,18 @@ Loader = Callable[[dict[str, Any], tuple[str, ...], Any, Any], Any]
 LOADERS: Registry[Loader] = Registry("init loader", "vlalign.weights")
 
 
+ROOT = "/"  # `target` of an entry that loads every parameter (e.g. fine-tuning a whole model)
+
+
 def split_path(path: str, where: str) -> tuple[str, ...]:
+  """`"a/b"` -> `("a", "b")`; `ROOT` -> `()` (the whole `params` collection)."""
+  if str(path) == ROOT:
+    return ()
   keys = tuple(k for k in str(path).split("/") if k)
   if not keys:
-    raise ConfigError(f"config.{where} must name a parameter sub-tree, got {path!r}")
+    raise ConfigError(
+      f"config.{where} must name a parameter sub-tree (or {ROOT!r}: all of them), got {path!r}"
+    )
   return keys
 
 
@@ -74,6 +87,59 @@ def count(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+# Parameters (paths below `params`) whose stored value may be for another image size -> the
+# `config.model` field of their tower, whose `pos_interpolation` resizes them (`vit` towers only).
+RESIZABLE_POSITIONS = {"image_encoder/pos_embedding": "image"}
+
+
+def fit_positions(value: np.ndarray, shape: tuple[int, ...], tower: dict[str, Any]) -> np.ndarray:
+  """A stored ViT position table (`[heads + N, D]`, optionally with a leading axis of 1, or a
+  `[R, R, D]` grid) resized to a tower's `pos_embedding` `shape` with the tower config's
+  `pos_interpolation` (`vit.fit_position_table`); the CLS (and distillation) rows are kept."""
+  method = tower.get("pos_interpolation") or vit.ViT.pos_interpolation
+  return vit.fit_position_table(value, shape, method, bool(tower.get("distillation_token")))
+
+
+def _resizable_leaves(
+  target: tuple[str, ...], abstract: Any, model_config: Any
+) -> dict[str, dict[str, Any]]:
+  """`{leaf name below target: its tower config}` for the leaves of `abstract` in
+  `RESIZABLE_POSITIONS` whose tower is a configured `vit`."""
+  out = {}
+  for name in pytrees.named_leaves(abstract):
+    full = "/".join(k for k in (*target, name) if k)
+    tower_name = RESIZABLE_POSITIONS.get(full)
+    if tower_name is None or model_config is None or tower_name not in model_config:
+      continue
+    tower = model_config[tower_name]
+    tower = dict(tower.to_dict() if hasattr(tower, "to_dict") else tower)
+    if tower.get("kind") == "vit":
+      out[name] = tower
+  return out
+
+
+def _stored_shapes(ckpt: Any, step: int, source: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+  """`{leaf name below source: stored shape}` from the checkpoint's metadata (no array read);
+  empty when the checkpoint has no such sub-tree (`restore_subtree` then names what is missing)."""
+  stored = ckpt._stored_state(step)
+  stored = stored.get("params", {})
+  stored = stored.get(pytrees.PARAMS, stored)
+  for key in source:
+    if not isinstance(stored, dict) or key not in stored:
+      return {}
+    stored = stored[key]
+  return {name: tuple(leaf.shape) for name, leaf in pytrees.named_leaves(stored).items()}
+
+
+def _as_stored(leaf: Any, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+  """`leaf` (a ShapeDtypeStruct) with the stored `shape`, replicated over its mesh: the stored
+  grid need not divide as the target's would."""
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+
 @LOADERS.register("checkpoint")
 def load_from_checkpoint(
   entry: dict[str, Any], target: tuple[str, ...], abstract: Any, model_config: Any = None
@@ -96,12 +162,33 @@ def load_from_checkpoint(
     step = steps[-1] if entry.get("step") is None else int(entry["step"])
     if step not in steps:
       raise ConfigError(f"config.init: no step {step} in {directory}; available: {steps}")
-    source = split_path(entry.get("source") or "/".join(target), "init.source")
-    values = ckpt.restore_subtree(step, source, abstract)
+    source = split_path(entry["source"], "init.source") if entry.get("source") else target
+    resizable = _resizable_leaves(target, abstract, model_config)
+    stored = _stored_shapes(ckpt, step, source) if resizable else {}
+    # Another grid of the same layout (rank, width) is read as stored, then resized; any other
+    # difference is left to `restore_subtree`, which names the parameter.
+    regrid = {
+      name: stored[name]
+      for name, leaf in pytrees.named_leaves(abstract).items()
+      if name in resizable
+      and name in stored
+      and stored[name] != tuple(leaf.shape)
+      and len(stored[name]) == len(leaf.shape)
+      and stored[name][-1] == leaf.shape[-1]
+    }
+    read_as = jax.tree.map_with_path(
+      lambda path, leaf: (
+        _as_stored(leaf, regrid[name]) if (name := pytrees.path_name(path)) in regrid else leaf
+      ),
+      abstract,
+    )
+    values = ckpt.restore_subtree(step, source, read_as)
   finally:
     ckpt.close()
+  if regrid:
+    values = _regrid(values, abstract, regrid, resizable, target)
   logging.info(
-    "init: params/%s (%.2fM parameters) from %s step %d (params/%s)",
+    "init: params/%s (%.2fM parameters) from %s step %d (params/%s)",  # "" = every parameter
     "/".join(target),
     count(values) / 1e6,
     directory,
@@ -109,6 +196,38 @@ def load_from_checkpoint(
     "/".join(source),
   )
   return values
+
+
+def _regrid(
+  values: Any,
+  abstract: Any,
+  regrid: dict[str, tuple[int, ...]],
+  towers: dict[str, dict[str, Any]],
+  target: tuple[str, ...],
+) -> Any:
+  """`values` with each leaf named in `regrid` resized to its `abstract` shape (`fit_positions`)
+  and placed on the abstract leaf's sharding."""
+  from vlalign.weights.hf import place  # noqa: PLC0415 - hf imports this module
+
+  def fit(path: Any, value: Any, leaf: Any) -> Any:
+    name = pytrees.path_name(path)
+    if name not in regrid:
+      return value
+    full = "/".join(k for k in (*target, name) if k)
+    try:
+      resized = fit_positions(np.asarray(value), tuple(leaf.shape), towers[name])
+    except ConfigError as e:
+      raise ConfigError(f"config.init: params/{full} {regrid[name]} -> {leaf.shape}: {e}") from e
+    logging.info(
+      "init: params/%s resized from %s to %s (%s)",
+      full,
+      regrid[name],
+      tuple(leaf.shape),
+      towers[name].get("pos_interpolation") or vit.ViT.pos_interpolation,
+    )
+    return place(resized, leaf)
+
+  return jax.tree.map_with_path(fit, values, abstract)
 
 
 def check_init_config(init_config: Any) -> list[tuple[str, dict[str, Any]]]:

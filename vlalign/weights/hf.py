@@ -57,7 +57,7 @@ from absl import logging
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
 from vlalign.errors import ConfigError, PathError
-from vlalign.weights import LOADERS, count
+from vlalign.weights import LOADERS, count, fit_positions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -811,29 +811,6 @@ RESIZED_FIELDS = ("image_size",)
 POSITIONS = "pos_embedding"
 
 
-def _fit_positions(value: np.ndarray, shape: tuple[int, ...], tower: dict[str, Any]) -> np.ndarray:
-  """A stored position table (`[1+N, D]` with the CLS first, or `[N, D]`, or already a grid)
-  resized to our `shape` (`[1+n, D]` or `[g, g, D]`) with the tower's `pos_interpolation`, as ALBEF
-  and timm interpolate a 224 px checkpoint's grid for 256 px images."""
-  from vlalign.models.vit import resize_position_embedding  # noqa: PLC0415
-
-  table = value.reshape(-1, value.shape[-1])
-  has_cls = len(shape) == 2
-  heads = (1 + int(bool(tower.get("distillation_token")))) if has_cls else 0  # CLS (and DeiT's)
-  head, grid = table[:heads], table[heads:]
-  side = int(round(np.sqrt(grid.shape[0])))
-  target = int(round(np.sqrt(shape[0] - heads))) if has_cls else shape[0]
-  if side * side != grid.shape[0]:
-    raise ConfigError(f"a position table of {grid.shape[0]} patches is not a square grid")
-  method = tower.get("pos_interpolation", "bilinear")
-  resized = np.asarray(
-    resize_position_embedding(grid.reshape(side, side, -1), target, target, method)
-  )
-  if not has_cls:
-    return resized.astype(value.dtype)
-  return np.concatenate([head, resized.reshape(-1, resized.shape[-1])]).astype(value.dtype)
-
-
 def check_architecture(
   family: Family, tower: dict[str, Any], hf_config: dict[str, Any], where: str, source: str
 ) -> None:
@@ -845,7 +822,7 @@ def check_architecture(
   hf_config = tower_config_of(family, hf_config)
   for ours, theirs in family.config_fields.items():
     if ours in RESIZED_FIELDS and family.resizable_positions:
-      continue  # another image size: the position grid is resized on import (`_fit_positions`)
+      continue  # another image size: the position grid is resized on import (`fit_positions`)
     if (
       theirs in hf_config and ours in tower and tower[ours] != _hf_value(theirs, hf_config[theirs])
     ):
@@ -1002,7 +979,7 @@ def load_tower(
       value = stored.get(name)
       if _resizable(family, ours) and _stored_size(value, layout) != leaf.size:
         logging.info("init: %s resized from %s to %s", name, value.shape, tuple(leaf.shape))
-        return place(_fit_positions(value, tuple(leaf.shape), tower), leaf)
+        return place(fit_positions(value, tuple(leaf.shape), tower), leaf)
       return place(_to_flax(layout, value, tuple(leaf.shape)), leaf)
 
     return jax.tree.map_with_path(load, abstract)
