@@ -6,6 +6,9 @@
 A bad flag, an unknown config field, a config file that is missing or fails to load, and any
 `vlalign.errors.UserError` print `error: <message>` on stderr and exit with status 2. Other
 exceptions (bugs) keep their traceback.
+
+Every binary run this way takes `--compilation_cache_dir=DIR` (default: off): JAX's persistent
+compilation cache, so a restarted run reads its compiled step instead of compiling it again.
 """
 
 import os
@@ -19,6 +22,14 @@ from absl import app, flags, logging
 from vlalign import errors
 
 _LOAD_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+  "compilation_cache_dir",
+  "",
+  "JAX's persistent compilation cache (local path or gs://): compilations of 1 s or more are "
+  "written there and read back by later runs on the same devices and versions. Empty: off. Only "
+  "a directory that no one else can write (the cache holds executable code).",
+)
 
 
 def fail(message: str, exit_code: int = 2) -> None:
@@ -132,6 +143,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
   def guarded(argv: list[str]) -> Any:
     try:
+      if _COMPILATION_CACHE_DIR.value:
+        from vlalign import perf
+
+        perf.enable_compilation_cache(_COMPILATION_CACHE_DIR.value)
       return main(argv)
     except errors.UserError as e:
       fail(str(e), e.exit_code)

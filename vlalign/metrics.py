@@ -1,4 +1,4 @@
-"""Metric writing (JSONL + TensorBoard, process 0 only), progress/ETA, and the NaN/Inf guard."""
+"""Metric writing (JSONL + TensorBoard, process 0 only), progress/ETA/MFU, and the NaN/Inf guard."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from vlalign import perf
 from vlalign import workdir as workdir_lib
 from vlalign.errors import UserError
 
@@ -54,13 +55,24 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps/s, samples/s and ETA over the interval since the previous call."""
+  """Steps/s, samples/s and ETA over the interval since the previous call; with the step's FLOPs
+  per device (`perf.step_flops`) also the achieved TFLOP/s per device, and with the device's peak
+  TFLOP/s the model FLOPs utilisation (MFU)."""
 
-  def __init__(self, total_steps: int, global_batch_size: int, start_step: int):
+  def __init__(
+    self,
+    total_steps: int,
+    global_batch_size: int,
+    start_step: int,
+    flops_per_step: float | None = None,
+    peak_tflops: float | None = None,
+  ):
     self.total_steps = total_steps
     self.batch = global_batch_size
     self.last_step = start_step
     self.last_time = time.perf_counter()
+    self.flops_per_step = flops_per_step
+    self.peak_tflops = peak_tflops
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -71,6 +83,7 @@ class Progress:
       "steps_per_s": steps_per_s,
       "samples_per_s": steps_per_s * self.batch,
       "eta_s": eta,
+      **perf.utilisation(self.flops_per_step, steps_per_s, self.peak_tflops),
     }
 
   def reset_clock(self, step: int) -> None:
@@ -146,8 +159,12 @@ def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
     if key in metrics:
       parts.append(f"{key.split('/')[-1]} {metrics[key]:.4g}")
   if "perf/steps_per_s" in metrics:
-    parts.append(
-      f"{metrics['perf/steps_per_s']:.2f} steps/s, {metrics['perf/samples_per_s']:.0f} samples/s, "
-      f"ETA {format_duration(metrics['perf/eta_s'])}"
+    rate = (
+      f"{metrics['perf/steps_per_s']:.2f} steps/s, {metrics['perf/samples_per_s']:.0f} samples/s"
     )
+    if "perf/tflops_per_device" in metrics:
+      rate += f", {metrics['perf/tflops_per_device']:.3g} TFLOP/s/device"
+    if "perf/mfu" in metrics:
+      rate += f", MFU {100 * metrics['perf/mfu']:.1f}%"
+    parts.append(f"{rate}, ETA {format_duration(metrics['perf/eta_s'])}")
   return " | ".join(parts)

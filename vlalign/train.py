@@ -8,6 +8,12 @@ or a Slurm job), pass --coordinator_address, --num_processes and --process_id, o
 --jax_distributed to let JAX detect them. SIGTERM, SIGINT (Ctrl-C) and SIGQUIT (Ctrl-\\) save a
 checkpoint after the current step and stop (exit status 0 for SIGTERM, 130 / 131 for the others).
 User errors (flags, config, paths, the workdir's state) print one line and exit with status 2.
+
+On a GPU or TPU machine, --platform=gpu|tpu stops at once (naming the install line) when JAX did
+not find that accelerator (requirements.txt installs the CPU jaxlib; see requirements-cuda.txt and
+requirements-tpu.txt) instead of training on the host. The progress line and metrics.jsonl report
+`perf/tflops_per_device` and `perf/mfu` against the device's bf16 peak (vlalign/perf.py; override
+with --peak_tflops_per_device). --compilation_cache_dir keeps compiled steps across restarts.
 """
 
 from absl import flags, logging
@@ -36,6 +42,18 @@ _OVERRIDE = flags.DEFINE_string(
   "Train on in a workdir whose config.json differs from --config; results go to files tagged "
   "with this name and the workdir's existing checkpoints are never deleted.",
 )
+_PLATFORM = flags.DEFINE_enum(
+  "platform",
+  None,
+  ["cpu", "gpu", "tpu"],
+  "Stop with an error unless JAX runs on this platform (default: whatever JAX finds).",
+)
+_PEAK_TFLOPS = flags.DEFINE_float(
+  "peak_tflops_per_device",
+  None,
+  "Peak TFLOP/s of one device for perf/mfu (default: the bf16 figure of known accelerators, a "
+  "measured matmul on a CPU).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,26 +76,23 @@ def main(argv):
     cli.fail(f"unexpected arguments: {argv[1:]}")
   config = cli.config_value(_CONFIG)
   initialize_distributed()
-  import jax
+  from vlalign import perf, trainer
 
-  from vlalign import trainer
-
-  logging.info(
-    "process %d/%d, %d local / %d global devices",
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-  )
+  logging.info(perf.describe_devices())
+  perf.check_platform(_PLATFORM.value)
   if _DRY_RUN.value:
     setup = trainer.build(config)
     print(trainer.describe_params(setup.abstract_state.params, setup.frozen))
     for warning in setup.warnings:
       print(f"warning: {warning}")
-    memory = trainer.log_memory_analysis(trainer.lower_step(setup).compile())
+    compiled = trainer.lower_step(setup).compile()
+    memory = trainer.log_memory_analysis(compiled)
     print(f"compiled {config.get('name', '')}: per-device memory (MiB) {memory}")
+    flops = perf.step_flops(compiled)
+    if flops is not None:
+      print(f"train step: {flops / 1e9:.4g} GFLOP per device")
     return
-  trainer.train_and_evaluate(config, _WORKDIR.value, _OVERRIDE.value)
+  trainer.train_and_evaluate(config, _WORKDIR.value, _OVERRIDE.value, _PEAK_TFLOPS.value)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vlalign import checkpoint as ckpt_lib
-from vlalign import errors, evaluation, optim, pytrees, registry, sharding, weights
+from vlalign import errors, evaluation, optim, perf, pytrees, registry, sharding, weights
 from vlalign import losses as losses_lib
 from vlalign import metrics as metrics_lib
 from vlalign import step as step_lib
@@ -494,7 +494,10 @@ def _resume_hint(ckpt) -> str:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, override_tag: str | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  override_tag: str | None = None,
+  peak_tflops: float | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint) and evaluates at
   the end. Returns the final metrics (last logged train metrics and final eval metrics).
@@ -502,6 +505,7 @@ def train_and_evaluate(
   The workdir's `config.json` is the reference: a config that differs in a field that changes
   what the run computes is a WorkdirError naming the fields, unless `override_tag` is given; then
   results go to files tagged with it and the checkpoints present at the start are never deleted.
+  `peak_tflops` (per device) replaces the device's known peak in the MFU (`vlalign.perf`).
   """
   workdir = workdir_lib.as_path(workdir)
   tag = workdir_lib.check_tag(override_tag)
@@ -511,10 +515,10 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     workdir_lib.check_writable(workdir)
   with workdir_lock(workdir):
-    return _train_locked(setup, workdir, tag)
+    return _train_locked(setup, workdir, tag, peak_tflops)
 
 
-def _train_locked(setup: Setup, workdir, tag: str) -> dict[str, float]:
+def _train_locked(setup: Setup, workdir, tag: str, peak_tflops=None) -> dict[str, float]:
   config = setup.config
   workdir_lib.check_config_matches(workdir, config, tag, workdir_lib.OPERATIONAL_FIELDS, "train on")
   data_iter = iter(
@@ -541,22 +545,29 @@ def _train_locked(setup: Setup, workdir, tag: str) -> dict[str, float]:
   if step >= total:
     ckpt.close()
     return _finished_run(setup, workdir, step, state.params, tag)
-  return _train_loop(setup, workdir, tag, ckpt, data_iter, state, step)
+  return _train_loop(setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops)
 
 
-def _train_loop(setup, workdir, tag, ckpt, data_iter, state, step) -> dict[str, float]:
+def _train_loop(
+  setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops=None
+) -> dict[str, float]:
   config, mesh = setup.config, setup.mesh
   evaluators = build_evaluators(setup, workdir)
   compile_start = time.perf_counter()
-  compiled_step = lower_step(setup).compile()
-  logging.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
+  with perf.CacheHits() as cache:
+    compiled_step = lower_step(setup).compile()
+  cached = " (read from the persistent compilation cache)" if cache.count else ""
+  logging.info("compiled the train step in %.1fs%s", time.perf_counter() - compile_start, cached)
   log_memory_analysis(compiled_step)
+  cost = perf.step_cost(compiled_step, peak_tflops)
 
   total = int(config.total_steps)
   writer = metrics_lib.MetricWriter(str(workdir))
   writer.drop_after(step)
   start_step = last_checked = step
-  progress = metrics_lib.Progress(total, config.batch_size, step)
+  progress = metrics_lib.Progress(
+    total, config.batch_size, step, cost.flops_per_step, cost.peak.tflops
+  )
   final_metrics: dict[str, float] = {}
   log_every = int(config.get("log_every", 50))
   ckpt_every = int(config.get("checkpoint_every", 1000))

@@ -1,0 +1,242 @@
+"""Throughput accounting: FLOPs per step, device peaks, MFU, and what the accelerator is.
+
+The FLOPs of a step are XLA's count for the compiled executable (`cost_analysis()`), per device:
+an SPMD executable is the program of one device, so a step sharded over N devices reports 1/N of
+the global FLOPs. Everything XLA executes counts (elementwise ops, the optimizer update, the
+backward recomputation of `model.remat`), so this is the utilisation of the hardware, not of an
+analytic "6 x parameters x tokens" model count.
+
+    compiled = jitted.lower(*args).compile()
+    flops = perf.step_flops(compiled)                      # per device, or None
+    peak = perf.device_peak()                              # TFLOP/s per device, and its source
+    tflops, mfu = perf.utilisation(flops, steps_per_s, peak.tflops)
+
+The peak is, in order: an explicit override (`--peak_tflops_per_device`), the vendor's dense bf16
+figure for the device kind (`PEAK_BF16_TFLOPS`), and on a CPU a float32 matmul measured once per
+process. An accelerator the table does not know has no peak: MFU is then not reported.
+"""
+
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from vlalign.errors import UserError
+
+# Dense (no 2:4 sparsity) bf16 peak per chip in TFLOP/s, by `jax.Device.device_kind` (lower case,
+# exact: "tpu v5" is a v5p, "tpu v5 lite" a v5e). Sources: NVIDIA's datasheets (the H100/H200
+# figure is half of the 1,979 quoted with sparsity; A100: 312 for SXM and PCIe), Google Cloud's
+# TPU system-architecture pages ("peak compute per chip (bf16)"). JAX reports an H200 NVL (835)
+# as "NVIDIA H200" too: pass --peak_tflops_per_device there.
+PEAK_BF16_TFLOPS = {
+  "nvidia h100 80gb hbm3": 989.0,  # H100 SXM5
+  "nvidia h100 pcie": 756.0,
+  "nvidia h200": 989.0,  # H200 SXM
+  "nvidia a100-sxm4-40gb": 312.0,
+  "nvidia a100-sxm4-80gb": 312.0,
+  "nvidia a100-pcie-40gb": 312.0,
+  "nvidia a100 80gb pcie": 312.0,
+  "tpu v4": 275.0,
+  "tpu v5 lite": 197.0,  # v5e
+  "tpu v5e": 197.0,
+  "tpu v5": 459.0,  # v5p
+  "tpu v5p": 459.0,
+  "tpu v6 lite": 918.0,  # v6e (Trillium)
+  "tpu v6e": 918.0,
+}
+
+# What makes JAX run on each platform: its install line (the repository's requirement files) and
+# what else to check.
+INSTALL = {
+  "gpu": "install JAX's CUDA build with `pip install -r requirements-cuda.txt` (requirements.txt "
+  "has the CPU jaxlib only) and check that `nvidia-smi` lists the GPUs",
+  "tpu": "install JAX's TPU build with `pip install -r requirements-tpu.txt` (requirements.txt "
+  "has the CPU jaxlib only) on a TPU VM whose chips no other process holds",
+  "cpu": "set JAX_PLATFORMS=cpu (or install with `pip install -r requirements.txt`)",
+}
+
+
+class Peak(NamedTuple):
+  """A device's peak in TFLOP/s (None: unknown) and where the figure comes from."""
+
+  tflops: float | None
+  source: str  # "override", "table", "measured" or "unknown"
+
+
+def step_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled executable, per device, from XLA's cost analysis; None where
+  the backend reports none. `cost_analysis()` returns a dict, or (older JAX, some backends) a list
+  of dicts, one per program: their FLOPs are summed."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception as e:  # noqa: BLE001 - not every backend implements it.
+    logging.info("cost analysis unavailable: %s", e)
+    return None
+  if isinstance(analysis, dict):
+    analysis = [analysis]
+  flops = [float(a["flops"]) for a in analysis or () if a and a.get("flops") is not None]
+  total = sum(flops)
+  return total if flops and math.isfinite(total) and total > 0 else None
+
+
+def table_peak_tflops(device_kind: str) -> float | None:
+  """The dense bf16 peak of `device_kind` from `PEAK_BF16_TFLOPS`, or None."""
+  return PEAK_BF16_TFLOPS.get(device_kind.strip().lower())
+
+
+@functools.cache
+def measured_cpu_tflops(size: int = 2048, repeats: int = 5) -> float:
+  """The host's float32 matmul throughput in TFLOP/s: a jitted `[size, size] @ [size, size]` on the
+  first device, the fastest of `repeats` timed calls after one warm-up. Measured once per process
+  (about a second on 2 cores) and logged."""
+  matmul = jax.jit(jnp.matmul)
+  a = jnp.ones((size, size), jnp.float32)
+  b = jnp.full((size, size), 0.5, jnp.float32)
+  matmul(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  tflops = 2 * size**3 / best / 1e12
+  logging.info(
+    "measured CPU peak: %.1f GFLOP/s (float32 %dx%d matmul, best of %d)",
+    tflops * 1e3,
+    size,
+    size,
+    repeats,
+  )
+  return tflops
+
+
+def device_peak(override: float | None = None, device: Any = None) -> Peak:
+  """The peak TFLOP/s of one device (default: `jax.devices()[0]`): `override` if given (> 0), the
+  table's figure for its kind, or on a CPU the measured matmul throughput divided by the local
+  device count (simulated CPU devices share the host's cores)."""
+  if override is not None and override > 0:
+    return Peak(float(override), "override")
+  device = device if device is not None else jax.devices()[0]
+  known = table_peak_tflops(device.device_kind)
+  if known is not None:
+    return Peak(known, "table")
+  if device.platform == "cpu":
+    return Peak(measured_cpu_tflops() / max(jax.local_device_count(), 1), "measured")
+  return Peak(None, "unknown")
+
+
+def utilisation(
+  flops_per_step: float | None, steps_per_s: float, peak_tflops: float | None
+) -> dict[str, float]:
+  """`{"tflops_per_device": achieved TFLOP/s, "mfu": achieved / peak}`, each present only when
+  its inputs are known (`flops_per_step` per device, as `step_flops` gives it)."""
+  if not flops_per_step or not math.isfinite(steps_per_s):
+    return {}
+  tflops = flops_per_step * steps_per_s / 1e12
+  out = {"tflops_per_device": tflops}
+  if peak_tflops:
+    out["mfu"] = tflops / peak_tflops
+  return out
+
+
+class StepCost(NamedTuple):
+  """What MFU reporting knows of a compiled train step."""
+
+  flops_per_step: float | None  # per device
+  peak: Peak
+
+
+def step_cost(compiled: Any, peak_override: float | None = None) -> StepCost:
+  """FLOPs and device peak of a compiled step, logged once; says once why MFU will not be
+  reported when either is unknown."""
+  flops = step_flops(compiled)
+  peak = device_peak(peak_override)
+  kind = jax.devices()[0].device_kind
+  if flops is None:
+    logging.warning("XLA reports no FLOPs for the train step on %s: MFU is not reported", kind)
+  elif peak.tflops is None:
+    logging.warning(
+      "no known peak for device kind %r: MFU is not reported (pass --peak_tflops_per_device)", kind
+    )
+  else:
+    logging.info(
+      "train step: %.3g GFLOP per device; peak %.4g TFLOP/s per device (%s, %s)",
+      flops / 1e9,
+      peak.tflops,
+      kind,
+      peak.source,
+    )
+  return StepCost(flops, peak)
+
+
+def describe_devices() -> str:
+  """`"backend gpu (NVIDIA H200): 8 local / 16 global devices, process 0 of 2"`."""
+  return (
+    f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}): "
+    f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
+    f"process {jax.process_index()} of {jax.process_count()}"
+  )
+
+
+def check_platform(requested: str | None, found: str | None = None) -> None:
+  """Raises a UserError naming the install line when `requested` ("gpu", "tpu", "cpu"; empty or
+  None: any) is not the platform JAX runs on (`found`, default `jax.default_backend()`). Without
+  the accelerator's JAX build (requirements.txt pins the CPU jaxlib), JAX falls back to the CPU
+  with only a warning; this makes a GPU or TPU job stop instead of training on the host."""
+  if not requested:
+    return
+  requested = requested.lower()
+  if requested not in INSTALL:
+    raise UserError(f"--platform={requested}: choose one of {', '.join(sorted(INSTALL))}")
+  found = found or jax.default_backend()
+  if found != requested:
+    raise UserError(
+      f"--platform={requested} but JAX runs on {found} ({jax.devices()[0].device_kind}): "
+      f"{INSTALL[requested]}"
+    )
+
+
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+def enable_compilation_cache(path: str, min_compile_secs: float | None = None) -> None:
+  """Turns on JAX's persistent compilation cache in `path` (local or gs://; created when first
+  written): executables whose compilation took at least `min_compile_secs` (JAX's default: 1 s)
+  are written there, and a later process compiling the same program on the same devices and
+  versions reads them instead of compiling. Call before the first compilation. The cache is
+  trusted code: never point it at a directory others can write."""
+  jax.config.update("jax_compilation_cache_dir", path)
+  if min_compile_secs is not None:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+  logging.info("persistent compilation cache: %s", path)
+
+
+class CacheHits:
+  """Counts the persistent compilation cache's hits inside a `with` block (`.count`)."""
+
+  def __init__(self):
+    self.count = 0
+
+  def _on_event(self, event: str, **kwargs) -> None:
+    del kwargs
+    if event == CACHE_HIT_EVENT:
+      self.count += 1
+
+  def __enter__(self) -> "CacheHits":
+    jax.monitoring.register_event_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_listener(self._on_event)
+
+
+def peak_memory_mib(memory: dict[str, float]) -> float | None:
+  """XLA's estimate of a compiled step's peak device memory (MiB) from `log_memory_analysis`'s
+  dict: arguments + outputs + temporaries - what outputs alias (donated inputs)."""
+  keys = ("argument_size_mib", "output_size_mib", "temp_size_mib")
+  if not memory or any(k not in memory for k in keys):
+    return None
+  return sum(memory[k] for k in keys) - memory.get("alias_size_mib", 0.0)
