@@ -169,6 +169,123 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
   return c
 
 
+# --- The published runs, field by field ---------------------------------------------------------
+# `configs/Pretrain.yaml`, `configs/Retrieval_{coco,flickr}.yaml`, `Pretrain.py`, `Retrieval.py` of
+# salesforce/ALBEF and uta-smile/TCL; docs/methods.md ("ALBEF and TCL as published") maps every
+# field of those files to the config field here and lists what still differs.
+
+GPUS = 8
+PER_GPU_BATCH = {"pretrain": 64, "coco": 32, "flickr": 32}  # batch_size / batch_size_train
+EPOCHS = {"pretrain": 30, "coco": 5, "flickr": 10}  # schedular.epochs
+# Image-text pairs per epoch: ALBEF's 4M json files and its retrieval training files. An epoch of
+# the official loader is floor(pairs / GPUs / per-GPU batch) steps; with other copies of the data
+# set `optim.steps_per_epoch`, `teacher.alpha_warmup_steps` and `total_steps` from their count.
+TRAIN_PAIRS = {"pretrain": PAIRS_4M, "coco": 566_747, "flickr": 145_000}
+# schedular: lr, min_lr, warmup_lr, warmup_epochs (timm warm-up intervals of 100 iterations).
+SCHEDULE = {
+  "pretrain": dict(lr=1e-4, min_lr=1e-5, warmup_lr=1e-5, warmup_intervals=20),
+  "coco": dict(lr=1e-5, min_lr=1e-6, warmup_lr=1e-5, warmup_intervals=1),
+  "flickr": dict(lr=1e-5, min_lr=1e-6, warmup_lr=1e-5, warmup_intervals=1),
+}
+K_TEST = {"coco": 256, "flickr": 128}  # ITM re-ranking depth of each test (`k_test`)
+# config variant -> stage; `tiny_*` run the same switches on the tiny model and embedded data.
+PUBLISHED = {
+  "published": "pretrain",
+  "coco": "coco",
+  "flickr": "flickr",
+  "tiny_published": "pretrain",
+  "tiny_retrieval": "coco",
+}
+
+
+def published_recipe(variant: str, method: str, ita: dict) -> ml_collections.ConfigDict:
+  """ALBEF (`ita` = `{"cma": {}}`) or TCL (`{"tcl_ita": {"grid": 4}}`) as the papers ran it.
+
+  Stages: "pretrain" (4M, 30 epochs from DeiT-B/16 + bert-base-uncased), "coco" / "flickr"
+  (retrieval fine-tuning from a pre-training run's checkpoint, `init.model.workdir`; COCO's run
+  also reports zero-shot Flickr30k, ALBEF's protocol: the COCO fine-tuned model on Flickr's test).
+  """
+  stage, tiny = PUBLISHED[variant], variant.startswith("tiny")
+  retrieval = stage != "pretrain"
+  c = albef_config("tiny" if tiny else "full", method)
+  c.name, c.variant = f"{method}_{variant}", variant
+  # Per-GPU losses (in-batch columns, LMI negatives, ITM candidates); the queues see every GPU.
+  c.batch_size = 16 if tiny else GPUS * PER_GPU_BATCH[stage]
+  c.loss_group_size = 4 if tiny else PER_GPU_BATCH[stage]
+  steps_per_epoch = 2 if tiny else TRAIN_PAIRS[stage] // c.batch_size
+  c.total_steps = 2 * steps_per_epoch if tiny else EPOCHS[stage] * steps_per_epoch
+  c.checkpoint_every = steps_per_epoch  # the official scripts save once per epoch
+  c.teacher.alpha_warmup_steps = steps_per_epoch  # alpha ramps over epoch 0 (warm_up: True)
+  c.teacher.queue_image_id = retrieval  # `idx_queue` of model_retrieval.py
+  # float32 everywhere (the official runs use no autocast), no activation recomputation.
+  c.model.update(dtype="float32", remat=False, temperature="tau")
+  # tau itself is learned; pre-training clamps it in place to [0.001, 0.5] before every forward,
+  # retrieval fine-tuning never does (model_retrieval.py has no clamp).
+  c.model.temperature_range = None if retrieval else (0.001, 0.5)
+  schedule = SCHEDULE[stage]
+  lr = 1e-3 if tiny else schedule["lr"]
+  c.optim.update(
+    schedule="albef",
+    steps_per_epoch=steps_per_epoch,
+    lr=lr,
+    min_lr_ratio=schedule["min_lr"] / schedule["lr"],
+    warmup_lr=lr * schedule["warmup_lr"] / schedule["lr"],
+    warmup_intervals=1 if tiny else schedule["warmup_intervals"],
+    warmup_interval_steps=1 if tiny else 100,
+    warmup_steps=0,
+    weight_decay=0.02,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    grad_clip=0.0,
+    # timm's add_weight_decay: every parameter that is not 1-d and not a bias, the 0-d temp too.
+    decay=(*common.DECAY, ".*pos_embedding", "(.*/)?cls", "temp"),
+  )
+  c.optim.clamp = () if retrieval else (("temp", 0.001, 0.5),)
+  # Captions: pre_caption (30 words), then 25 tokens at pre-training, 30 at fine-tuning and at
+  # every evaluation (`max_length` of the tokenizer calls).
+  c.data.caption_preprocess = "albef"
+  c.data.max_len = (30 if retrieval else 25) if not tiny else (24 if retrieval else 20)
+  c.data.eval_max_len = 30 if not tiny else 24
+  # ITM negatives: pre-training excludes only the pair itself, fine-tuning every pair of the
+  # image (`idx`); MLM only at pre-training, with the soft-label form the papers trained with.
+  c.itm = dict(hard_negatives=True, exclude_same_image=retrieval)
+  losses = {name: dict(weight=1.0, **kwargs) for name, kwargs in ita.items()}
+  if retrieval:
+    del c["mlm"]
+    for entry in losses.values():
+      entry["match_image_id"] = True
+    c.losses = dict(**losses, itm=dict(weight=1.0))
+  else:
+    c.losses = dict(**losses, itm=dict(weight=1.0), mlm=dict(weight=1.0, distill_form="published"))
+  if tiny:
+    return c
+  if retrieval:
+    image_size = 384
+    c.model.image.image_size = image_size  # the 256 px grid is resized bicubically on load
+    c.init = {"model": dict(loader="checkpoint", target="/", workdir="")}
+    c.data = common.files_data(
+      common.shapes_data(image_size=image_size, max_len=30, eval_max_len=30), stage
+    )
+    c.data.update(caption_preprocess="albef", tokenizer="tokenizer_json", tokenizer_path=BERT_BASE)
+    # train_transform: crops of 50-100% of the image (pre-training: 20-100%).
+    c.data.augment = dict(name=method, crop_scale=(0.5, 1.0))
+    k = K_TEST[stage]
+    c.evals = {
+      "retrieval_itm_val": dict(
+        type="retrieval_itm", split="val", k=k, every_steps=steps_per_epoch
+      ),
+      "retrieval_itm_test": dict(type="retrieval_itm", split="test", k=k, every_steps=0),
+    }
+    if stage == "coco":  # zero-shot Flickr30k: this model on Flickr's 1k test images, k_test 128
+      c.evals["retrieval_itm_test_flickr"] = dict(
+        type="retrieval_itm", split="flickr_test", k=K_TEST["flickr"], every_steps=0
+      )
+  return c
+
+
 @common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  if variant in PUBLISHED:
+    return published_recipe(variant, "albef", {"cma": {}})
   return albef_config(variant, "albef")

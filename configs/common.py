@@ -131,7 +131,9 @@ FILE_EVAL_TYPES = ("retrieval", "retrieval_itm", "lexical_retrieval", "codebook"
 DATA_SUFFIXES = ("files", "4m")
 # `full` variants train on real data: the ALBEF family on its 4M mixture ("4m"), the two-tower and
 # lexical methods on image-text tar shards ("web": CC3M/CC12M/LAION as img2dataset writes them).
-DATA_LAYOUTS = ("files", "4m", "web")
+# "coco" / "flickr": ALBEF / TCL's retrieval fine-tuning files (train, val, test of one dataset;
+# "coco" also has Flickr30k's test, for the COCO model's zero-shot Flickr evaluation).
+DATA_LAYOUTS = ("files", "4m", "web", "coco", "flickr")
 
 # ALBEF's 4M pre-training files and its COCO / Flickr30k retrieval files (names as released in
 # salesforce/ALBEF's data.tar.gz); `{name}` is `data.paths.name`, set on the command line.
@@ -155,7 +157,9 @@ def files_data(data: dict, layout: str) -> dict:
   `data.paths.root`. layout "4m": ALBEF's 4M mixture (COCO + VG + CC3M + SBU, concatenated) with
   COCO's 5k val/test and Flickr30k's 1k test, under `data.paths.{ann, coco, vg, cc3m, sbu,
   flickr}`. layout "web": tar shards `data.paths.web` (a glob or `{00000..00099}` pattern) with
-  the same COCO/Flickr evaluation.
+  the same COCO/Flickr evaluation. layouts "coco" / "flickr": ALBEF's retrieval fine-tuning files
+  (`{coco,flickr30k}_{train,val,test}.json` under `data.paths.ann`, images under `data.paths.coco`
+  / `data.paths.flickr`); "coco" also has Flickr30k's test split (zero-shot Flickr).
   """
   data = {k: v for k, v in data.items() if not k.endswith("_size") or k == "image_size"}
   data.update(name="files", resize="squash", decoder="pil", num_threads=8)
@@ -163,6 +167,16 @@ def files_data(data: dict, layout: str) -> dict:
     data["paths"] = dict(root="")
     for split in ("train", "val", "test"):
       data[split] = dict(format="albef_json", ann="{root}/" + f"{split}.json", image_root="{root}")
+    return data
+  if layout in ("coco", "flickr"):
+    data["paths"] = (
+      dict(ann="", coco="", flickr="") if layout == "coco" else dict(ann="", flickr="")
+    )
+    prefix = "coco" if layout == "coco" else "flickr30k"
+    for split in ("train", "val", "test"):
+      data[split] = _albef_file(f"{prefix}_{split}.json", layout)
+    if layout == "coco":
+      data["flickr_test"] = _albef_file("flickr30k_test.json", "flickr")
     return data
   if layout == "web":
     data["paths"] = dict(web="", ann="", coco="", flickr="")

@@ -2,7 +2,9 @@
 
 Yang et al., "Vision-Language Pre-Training with Triple Contrastive Learning", CVPR 2022
 (uta-smile/TCL `configs/Pretrain.yaml`, `models/model_pretrain.py`, `dataset/__init__.py`).
-`--config=configs/tcl.py:tiny|demo|full`.
+`--config=configs/tcl.py:tiny|demo|full|published|coco|flickr` (the last three: the paper's
+4M pre-training and retrieval fine-tuning runs as published; `tiny_published`, `tiny_retrieval`:
+their switches on the tiny model).
 
 Differences from `configs/albef.py`: two augmented views per image (view 1 to the student, view 2
 `image_aug` to the momentum teacher) with TCL's pre-training transform, and the loss
@@ -18,14 +20,17 @@ from configs import albef, common
 
 @common.with_data_suffixes
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
-  c = albef.albef_config(variant, "tcl")
+  if variant in albef.PUBLISHED:  # the published runs (configs/albef.py, `published_recipe`)
+    c = albef.published_recipe(variant, "tcl", {"tcl_ita": {"grid": 4}})
+  else:
+    c = albef.albef_config(variant, "tcl")
+    c.losses = dict(
+      tcl_ita=dict(weight=1.0, grid=4),
+      itm=dict(weight=1.0),
+      mlm=dict(weight=1.0),
+    )
   c.teacher.image_key = "image_aug"
   c.data.augment_views = 2
-  if variant == "tiny":
+  if variant.startswith("tiny"):
     c.data.augment = dict(name="tcl", **albef.DEMO_AUGMENT)
-  c.losses = dict(
-    tcl_ita=dict(weight=1.0, grid=4),
-    itm=dict(weight=1.0),
-    mlm=dict(weight=1.0),
-  )
   return c

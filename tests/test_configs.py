@@ -173,3 +173,102 @@ def test_4m_variants_name_every_path_they_need(name, tmp_path):
   config.data.paths.update({k: str(tmp_path) for k in config.data.paths})
   with pytest.raises(PathError, match="coco.json does not exist"):
     trainer.build(config)
+
+
+# --- ALBEF / TCL as published (configs/albef.py: published_recipe) -----------------------------
+
+# The official files' values (Pretrain.yaml, Retrieval_{coco,flickr}.yaml, Pretrain.py, Retrieval.py
+# of salesforce/ALBEF and uta-smile/TCL) and where each lives here; docs/methods.md has the table.
+OFFICIAL = {
+  "published": {
+    "batch_size": 8 * 64,
+    "loss_group_size": 64,
+    "model.image.image_size": 256,
+    "model.embed_dim": 256,
+    "teacher.queue_size": 65_536,
+    "teacher.momentum": 0.995,
+    "teacher.alpha": 0.4,
+    "mlm.prob": 0.15,
+    "optim.lr": 1e-4,
+    "optim.weight_decay": 0.02,
+    "optim.warmup_lr": 1e-5,
+    "optim.warmup_intervals": 20,
+    "optim.warmup_interval_steps": 100,
+    "data.max_len": 25,
+    "data.eval_max_len": 30,
+    "model.temperature": "tau",
+    "model.dtype": "float32",
+  },
+  "coco": {
+    "batch_size": 8 * 32,
+    "loss_group_size": 32,
+    "model.image.image_size": 384,
+    "teacher.queue_size": 65_536,
+    "optim.lr": 1e-5,
+    "optim.warmup_intervals": 1,
+    "data.max_len": 30,
+    "evals.retrieval_itm_test.k": 256,
+    "evals.retrieval_itm_test_flickr.k": 128,
+  },
+  "flickr": {
+    "batch_size": 8 * 32,
+    "evals.retrieval_itm_test.k": 128,
+    "model.image.image_size": 384,
+  },
+}
+
+
+def _field(config, dotted):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+@pytest.mark.parametrize("name", ["albef", "tcl"])
+@pytest.mark.parametrize("variant", list(OFFICIAL))
+def test_published_variants_carry_the_official_values(name, variant):
+  config = _config(name, variant)
+  assert config.name == f"{name}_{variant}"
+  for dotted, want in OFFICIAL[variant].items():
+    assert _field(config, dotted) == pytest.approx(want), dotted
+  steps_per_epoch = config.optim.steps_per_epoch
+  assert config.teacher.alpha_warmup_steps == steps_per_epoch
+  assert config.total_steps == {"published": 30, "coco": 5, "flickr": 10}[variant] * steps_per_epoch
+  assert config.optim.lr * config.optim.min_lr_ratio == pytest.approx(config.optim.lr / 10)
+  retrieval = variant != "published"
+  assert ("mlm" in config.losses) is not retrieval
+  assert config.itm.exclude_same_image is retrieval and config.teacher.queue_image_id is retrieval
+  assert bool(config.optim.clamp) is not retrieval  # only pre-training clamps tau
+  if retrieval:
+    assert config.init.model.target == "/" and not config.init.model.workdir
+  else:
+    assert config.losses.mlm.distill_form == "published"
+
+
+@pytest.mark.parametrize("variant", ["published", "coco"])
+def test_published_tcl_builds_and_lowers(variant):
+  config = _offline(_config("tcl", variant))
+  lowered = trainer.lower_step(trainer.build(config, data=False))
+  assert "func.func public @main" in lowered.as_text()
+
+
+def test_retrieval_variant_names_the_pretraining_run_to_start_from(tmp_path):
+  config = _config("tcl", "tiny_retrieval")
+  config.init = {"model": dict(loader="checkpoint", target="/", workdir="")}
+  with pytest.raises(ConfigError, match="empty workdir"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("variant", ["tiny_published", "tiny_retrieval"])
+def test_published_switches_train_on_the_tiny_model(variant, tmp_path):
+  """Every switch of the published runs (loss groups, tau, the epoch schedule, clamp, 25/30 tokens,
+  pre_caption, ITM exclusion, the published MLM form) together, a few steps of TCL (ALBEF's
+  variants differ only in the ITA loss)."""
+  config = _config("tcl", variant)
+  config.evals = {k: v for k, v in config.evals.items() if k == "retrieval_test"}
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert all(math.isfinite(final[f"train/{loss}"]) for loss in config.losses)
+  assert final["train/lr"] == pytest.approx(
+    config.optim.lr * (0.1 + 0.45 * (1 + math.cos(math.pi / 2))), rel=1e-5
+  )
+  assert "eval/retrieval_test/rsum" in final or any(k.startswith("eval/") for k in final)

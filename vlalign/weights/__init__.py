@@ -148,6 +148,11 @@ def load_from_checkpoint(
   unknown = set(entry) - {"workdir", "step", "source"}
   if unknown or "workdir" not in entry:
     raise ConfigError(f"init loader 'checkpoint' takes workdir, step, source; got {sorted(entry)}")
+  if not str(entry["workdir"]).strip():
+    raise ConfigError(
+      f"config.init: the 'checkpoint' loader of params/{'/'.join(target)} has an empty workdir; "
+      "set it to the run to start from (e.g. --config.init.model.workdir=workdirs/<pre-training>)"
+    )
   root = workdir_lib.as_path(entry["workdir"])
   directory = root / workdir_lib.CHECKPOINTS
   if not directory.exists():
