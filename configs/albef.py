@@ -2,7 +2,9 @@
 
 Li et al., "Align before Fuse: Vision and Language Representation Learning with Momentum
 Distillation", NeurIPS 2021 (salesforce/ALBEF `configs/Pretrain.yaml`, `Pretrain.py`).
-`--config=configs/albef.py:tiny|demo|full`. `configs/tcl.py` builds on `albef_config`.
+`--config=configs/albef.py:tiny|demo|full|published|coco|flickr` (`published_recipe`: the
+paper's 4M pre-training and retrieval fine-tuning runs, field by field; `tiny_published`,
+`tiny_retrieval`: their switches on the tiny model). `configs/tcl.py` builds on both.
 
 Method `momentum` (`vlalign/methods/momentum.py`): EMA teacher, queues, alpha ramp, ITM on hard
 negatives, MLM. Loss: `cma` (ALBEF's `loss_ita`: i2t + t2i with soft targets against
@@ -113,7 +115,7 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     min_lr_ratio=0.1,
     # timm's `create_optimizer` (ALBEF `optim/`): decay on every parameter with 2+ dimensions that
     # is not a bias, which includes ViT's position embedding and CLS token and BERT's embeddings
-    # (the temperature, a 0-d parameter there, is parameterised differently here).
+    # (and the 0-d temperature: the published variants decay `temp`; here it is a logit_scale).
     decay=(*common.DECAY, ".*pos_embedding", "(.*/)?cls"),
   )
 
@@ -149,7 +151,9 @@ def albef_config(variant: str, method: str) -> ml_collections.ConfigDict:
     c.model.fusion_depth = 1
     c.evals = common.retrieval_and_zeroshot_evals(every_steps=200)
     c.evals["retrieval_itm_test"] = dict(type="retrieval_itm", split="test", k=16, every_steps=0)
-  else:  # The published recipe: ViT-B/16 at 256 px, BERT-base split 6 + 6, batch 512, 30 epochs.
+  else:  # The published model, data and length (ViT-B/16 at 256 px, BERT-base 6 + 6, batch 512,
+    # 30 epochs) at our defaults: global loss groups, bfloat16, per-step cosine, logit_scale, the
+    # fixed MLM form. `published_recipe` below is the official run field by field.
     steps_per_epoch = PAIRS_4M // 512
     c.total_steps = 30 * steps_per_epoch
     c.batch_size = 512

@@ -141,6 +141,7 @@ ALBEF_4M = (
   ("coco.json", "coco"),
   ("vg.json", "vg"),
   ("cc3m_train.json", "cc3m"),
+  ("cc3m_val.json", "cc3m"),  # both official Pretrain.yaml files train on CC3M's val split too
   ("sbu.json", "sbu"),
 )
 

@@ -43,8 +43,9 @@ Equations:
 Decisions where the reference is silent or differs:
 
 * Excluded pairs: ALBEF pre-training zeroes only the diagonal, retrieval fine-tuning zeroes equal
-  image ids; we exclude both (which is the retrieval behaviour, and the pre-training one when ids
-  are unique). If a row has no allowed pair (every sample shares the image), the reference's
+  image ids; `sample_hard_negatives` excludes both for the ids it is given (the `momentum` method
+  passes `arange(B)` for the pre-training rule, `itm.exclude_same_image = False`).
+  If a row has no allowed pair (every sample shares the image), the reference's
   `multinomial` raises and its fallback draws uniformly among j != i; we do the same.
 * Sampling is done in log space (`jax.random.categorical`), so rows whose softmax would underflow
   to zero (tau near 0.001) still sample in proportion to the weights instead of falling back.

@@ -28,10 +28,12 @@ Order of one step (equations in docs/methods.md):
    The context holds `teacher` (its outputs), `extras` (queues before this step's enqueue, the
    updated teacher), `schedules["alpha"]` and `inputs["mlm_ids"]`, `inputs["mlm_labels"]`.
 2. `forward`: the student's outputs, then (with `itm`) hard negatives sampled from
-   softmax(student_emb . teacher_emb / tau) and the ITM pairs, then (with `mlm`) the masked-LM pass.
-3. `after_update`: the global batch of teacher features overwrites queue rows [ptr, ptr + B)
-   (`ALBEF._dequeue_and_enqueue`), ptr <- (ptr + B) mod K; with `queue_image_id` the batch's image
-   ids go to `queue/image_id` too (retrieval fine-tuning's `idx_queue`).
+   softmax(student_emb . teacher_emb / tau) (within each loss group with `config.loss_group_size`,
+   as within each GPU of the official runs) and the ITM pairs, then (with `mlm`) the masked-LM pass.
+3. `after_update`: the global batch of teacher features (all groups, as the official all-gather)
+   overwrites queue rows [ptr, ptr + B) (`ALBEF._dequeue_and_enqueue`), ptr <- (ptr + B) mod K;
+   with `queue_image_id` the batch's image ids go to `queue/image_id` too (retrieval fine-tuning's
+   `idx_queue`).
 """
 
 from collections.abc import Callable
