@@ -22,6 +22,25 @@ the decode alone (to an RGB image at the draft scale, the module's private step)
 resize to `--size`, and the same followed by `augment.build_augment(dict(name="albef",
 image_size=size))` (random resized crop, flip, RandAugment) on the resized image.
 
+`--crops` measures train crops of the original image instead (`data.train_decode`, the
+`"original"` path of `vlalign.data.pipeline`), on the `native` and `1000x750` sets:
+
+  PYTHONPATH=. .venv/bin/python bench/decode_bench.py --crops --size=256 --rounds=5
+
+1. per core (one thread, CPU time, median of rounds), the ALBEF recipe per image: "resized" (the
+   path before: decode + squash to S, then the recipe crops the S x S image), "original" (decode at
+   full resolution, the recipe crops it), and "original, min_side B" (JPEG draft to the smallest
+   scale keeping both sides >= B, the box drawn on the stored size) for B = 2S and S;
+2. fidelity: mean absolute difference (grey levels) of `crop_flip` crops from the drafted image
+   against the same draws on the full-resolution image, over `--fidelity_draws` draws per photo,
+   with the box drawn on the stored size (what the pipeline does) and, for comparison, on the
+   drafted image (rounded to its coarser grid);
+3. the Grain train pipeline (`pipeline.make_train_dataset`, ALBEF recipe, `--pipeline_threads`
+   read threads, batch 32) over an `albef_json` dataset of the 1000x750 JPEGs written to a
+   temporary directory: pairs per CPU-second of the process (all threads; what 2 unshared cores
+   give is about twice that, as the read threads keep both busy) and pairs/s of wall time, each
+   the best of `--rounds` runs of `--pipeline_images`.
+
 Single process, single thread; a cell's figure is images per CPU-second of this thread
 (`time.thread_time`), i.e. images/s per core, which waits for other processes do not count in.
 Each round times every (set, pipeline, decoder) cell once for about `--seconds` of CPU time, the
@@ -50,6 +69,10 @@ _SIZE = flags.DEFINE_integer("size", 256, "Output side in pixels.")
 _ROUNDS = flags.DEFINE_integer("rounds", 9, "Rounds over all cells; the median is reported.")
 _SECONDS = flags.DEFINE_float("seconds", 0.4, "CPU seconds of one timed cell (about).")
 _QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the encoded photos.")
+_CROPS = flags.DEFINE_bool("crops", False, "Measure train crops of the original image instead.")
+_FIDELITY_DRAWS = flags.DEFINE_integer("fidelity_draws", 20, "Crops per photo for the fidelity.")
+_PIPELINE_THREADS = flags.DEFINE_integer("pipeline_threads", 2, "Grain read threads (--crops).")
+_PIPELINE_IMAGES = flags.DEFINE_integer("pipeline_images", 640, "Pairs per timed pipeline run.")
 
 TARGET = 1000.0  # images/s per core, decode + resize at 256 px (the project's stated target)
 PHOTOS = (
@@ -214,6 +237,141 @@ def describe_set(encoded: list[bytes]) -> str:
   return f"{len(encoded)} JPEGs, mean {pixels:.2f} Mpx, {kib:.0f} KiB; {', '.join(sides)}"
 
 
+# ----------------------------------------------------------------------------- --crops
+
+
+def crop_pipelines(size: int) -> dict[str, Callable[[bytes], object]]:
+  """Row name -> one train image's work with the ALBEF recipe (see the module docstring)."""
+  albef = augment.build_augment(dict(name="albef", image_size=size))
+  rng = np.random.default_rng(0)
+
+  def original(min_side):
+    def run(data):
+      decoded = images.decode_original(data, min_side)
+      if decoded.scale == 1.0:
+        return albef(decoded.image, rng)
+      source = dict(source_size=(decoded.height, decoded.width), source_scale=decoded.scale)
+      return albef(decoded.image, rng, **source)
+
+    return run
+
+  return {
+    "resized (before)": lambda data: albef(images.decode_image(data, size), rng),
+    "original, full resolution": original(None),
+    f"original, min_side {2 * size}": original(2 * size),
+    f"original, min_side {size}": original(size),
+  }
+
+
+def crop_fidelity(encoded: list[bytes], size: int, min_side: int, draws: int) -> tuple:
+  """(drafted photos, mean |diff| with the box on the stored size, 95th percentile of the
+  per-crop means, the same mean with the box on the drafted image) of `crop_flip` crops."""
+  crop = augment.build_augment(dict(name="crop_flip", image_size=size))
+  exact, naive, drafted = [], [], 0
+  for data in encoded:
+    full = images.decode_original(data).image
+    small = images.decode_original(data, min_side)
+    if small.scale == 1.0:
+      continue
+    drafted += 1
+    source = dict(source_size=(small.height, small.width), source_scale=small.scale)
+    for seed in range(draws):
+      want = crop(full, np.random.default_rng(seed)).astype(np.int32)
+      got = crop(small.image, np.random.default_rng(seed), **source)
+      rounded = crop(small.image, np.random.default_rng(seed))
+      exact.append(np.abs(got - want).mean())
+      naive.append(np.abs(rounded - want).mean())
+  if not drafted:
+    return 0, float("nan"), float("nan"), float("nan")
+  return drafted, np.mean(exact), np.percentile(exact, 95), np.mean(naive)
+
+
+def pipeline_rate(
+  encoded: list[bytes], size: int, threads: int, pairs: int, rounds: int, **fields
+) -> tuple[float, float]:
+  """(pairs per CPU-second of the process, pairs/s of wall time), each the best of `rounds` runs,
+  of the Grain train pipeline over a file dataset of `encoded`."""
+  import json
+  import tempfile
+
+  from vlalign.data import pipeline
+  from vlalign.data.tokenizer import build_tokenizer
+
+  with tempfile.TemporaryDirectory() as root:
+    entries = []
+    for i, data in enumerate(encoded):
+      with open(os.path.join(root, f"{i}.jpg"), "wb") as f:
+        f.write(data)
+      entries.append({"image": f"{i}.jpg", "caption": "a photo"})
+    ann = os.path.join(root, "train.json")
+    with open(ann, "w") as f:
+      json.dump(entries * 64, f)  # 64 epochs of the photos per pass of the index
+    config = dict(
+      name="files", image_size=size, max_len=24, tokenizer="shapes_words", num_threads=threads,
+      train=dict(format="albef_json", ann=ann, image_root=root), augment=dict(name="albef"),
+      **fields,
+    )  # fmt: skip
+    batch = 32
+    dataset = pipeline.make_train_dataset(
+      config, build_tokenizer(config), global_batch_size=batch, seed=0, process_index=0,
+      process_count=1,
+    )  # fmt: skip
+    iterator = iter(dataset)
+    next(iterator)
+    steps, best_cpu, best_wall = max(1, pairs // batch), float("inf"), float("inf")
+    for _ in range(rounds):
+      cpu, wall = time.process_time(), time.perf_counter()
+      for _ in range(steps):
+        next(iterator)
+      best_cpu = min(best_cpu, time.process_time() - cpu)
+      best_wall = min(best_wall, time.perf_counter() - wall)
+    return steps * batch / best_cpu, steps * batch / best_wall
+
+
+def crops_main(sets: dict[str, list[bytes]], size: int, rounds: int, seconds: float) -> None:
+  sets = {name: sets[name] for name in ("native", "1000x750")}
+  rows = crop_pipelines(size)
+  samples: dict[tuple[str, str], list[float]] = {}
+  for r in range(rounds):
+    for set_name, encoded in sets.items():
+      for row, fn in rows.items():
+        samples.setdefault((set_name, row), []).append(rate(fn, encoded, seconds)[0])
+    print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+  print(f"load average after the per-core rounds: {os.getloadavg()[0]:.2f}\n")
+  print("| photos | train image (ALBEF recipe) | images/s per core |")
+  print("|---|---|---|")
+  for (set_name, row), values in samples.items():
+    print(f"| {set_name} | {row} | {statistics.median(values):.0f} |")
+  print(f"\nfidelity: crop_flip at {size} px from the drafted image vs the full resolution")
+  print("| photos | min_side | photos drafted | mean abs diff | p95 | box on the drafted image |")
+  print("|---|---|---|---|---|---|")
+  for set_name, encoded in sets.items():
+    for min_side in (2 * size, size):
+      drafted, mean, p95, naive = crop_fidelity(encoded, size, min_side, _FIDELITY_DRAWS.value)
+      print(
+        f"| {set_name} | {min_side} | {drafted}/{len(encoded)} | {mean:.2f} | {p95:.2f} | "
+        f"{naive:.2f} |"
+      )
+  threads = _PIPELINE_THREADS.value
+  print(f"\nGrain train pipeline, 1000x750 JPEGs, ALBEF recipe, {threads} read threads, batch 32")
+  header = ("data config", "pairs per CPU-second", "x 2 (2 free cores, ideal scaling)",
+            "pairs/s (wall, under this load)")  # fmt: skip
+  print("| " + " | ".join(header) + " |")
+  print("|---|---|---|---|")
+  variants = {
+    'train_decode="resized" (before)': dict(train_decode="resized"),
+    'train_decode="original"': dict(train_decode="original"),
+    f"original, train_decode_min_side={2 * size}": dict(train_decode_min_side=2 * size),
+    f"original, train_decode_min_side={size}": dict(train_decode_min_side=size),
+  }
+  for name, fields in variants.items():
+    cpu, wall = pipeline_rate(
+      sets["1000x750"], size, threads, _PIPELINE_IMAGES.value, rounds, **fields
+    )
+    print(f"| {name} | {cpu:.0f} | {2 * cpu:.0f} | {wall:.0f} |", flush=True)
+  print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main(argv):
   del argv
   size, rounds, seconds = _SIZE.value, _ROUNDS.value, _SECONDS.value
@@ -224,6 +382,10 @@ def main(argv):
   print(versions())
   for name, encoded in sets.items():
     print(f"set {name}: {describe_set(encoded)}")
+  if _CROPS.value:
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    crops_main(sets, size, rounds, seconds)
+    return
   for encoded in sets.values():  # every decoder gives the [size, size, 3] uint8 contract
     for column in filter(None, decoders.values()):
       out = column.decode(encoded[0], size)

@@ -51,7 +51,7 @@ def shapes_data(image_size: int, max_len: int = 24, **overrides) -> dict:
     name="shapes",
     image_size=image_size,
     max_len=max_len,
-    eval_max_len=None,  # evaluation texts' length; None: max_len
+    eval_max_len=ml_collections.config_dict.placeholder(int),  # eval texts' length; None: max_len
     caption_preprocess="none",  # "albef": ALBEF / TCL's pre_caption before tokenizing
     tokenizer="shapes_words",
     train_size=200_000,
@@ -164,6 +164,12 @@ def files_data(data: dict, layout: str) -> dict:
   """
   data = {k: v for k, v in data.items() if not k.endswith("_size") or k == "image_size"}
   data.update(name="files", resize="squash", decoder="pil", num_threads=8)
+  # Train crops come from the stored image ("original"; "resized": squash to image_size first, as
+  # before); train_decode_min_side B: JPEGs decoded at the smallest DCT scale keeping both sides
+  # >= B (2 * image_size is within ~0.2 grey levels of full resolution; vlalign/data/files.py).
+  data.update(
+    train_decode="original", train_decode_min_side=ml_collections.config_dict.placeholder(int)
+  )
   if layout == "files":
     data["paths"] = dict(root="")
     for split in ("train", "val", "test"):

@@ -5,9 +5,10 @@ import math
 import os
 
 import jax
+import numpy as np
 import pytest
 
-from vlalign import trainer
+from vlalign import testing, trainer
 from vlalign.errors import ConfigError, PathError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -163,6 +164,7 @@ def test_4m_variants_name_every_path_they_need(name, tmp_path):
     "{coco}",
     "{vg}",
     "{cc3m}",
+    "{cc3m}",
     "{sbu}",
   ]
   assert config.data.flickr_test.ann == "{ann}/flickr30k_test.json"
@@ -272,3 +274,46 @@ def test_published_switches_train_on_the_tiny_model(variant, tmp_path):
     config.optim.lr * (0.1 + 0.45 * (1 + math.cos(math.pi / 2))), rel=1e-5
   )
   assert "eval/retrieval_test/rsum" in final or any(k.startswith("eval/") for k in final)
+
+
+@pytest.mark.slow
+def test_published_tcl_loads_stand_in_weights_and_its_step_compiles(tmp_path):
+  """The published TCL pre-training config at its sizes (ViT-B/16 at 256 px, BERT-base 6 + 6,
+  float32). Random-weight stand-ins of DeiT-B/16 (224 px) and a 12-layer bert-base, written in the
+  Hugging Face layout where the real files would be, load through its `config.init` (the 14 x 14
+  position grid resized bicubically to 16 x 16), and the step compiles and runs one step on the 8
+  simulated devices at 2 pairs per device (loss groups of 2). ~6 minutes on 2 cores:
+  `python -m pytest -m slow tests/test_configs.py -k stand_in`."""
+  from vlalign.models import build_tower, vit  # noqa: PLC0415
+  from vlalign.weights import hf  # noqa: PLC0415
+
+  config = _offline(_config("tcl", "published"))
+  deit = {**config.model.image.to_dict(), "image_size": 224}
+  bert = {**config.model.text.to_dict(), "depth": 12}
+  images = np.zeros((1, 224, 224, 3), np.float32)
+  ids = np.zeros((1, 8), np.int32)
+  deit_params = build_tower(deit, "stand-in").init(jax.random.key(1), images)["params"]
+  bert_params = build_tower(bert, "stand-in").init(jax.random.key(2), ids, np.ones_like(ids))
+  deit_dir = hf.export_tower(deit_params, deit, tmp_path / "deit")
+  bert_dir = hf.export_tower(bert_params["params"], bert, tmp_path / "bert")
+  config.init.image.path = str(deit_dir)
+  config.init.text.path = config.init.fusion.path = str(bert_dir)
+  config.batch_size = 2 * jax.device_count()
+  config.loss_group_size = 2
+  config.teacher.queue_size = 64 * config.batch_size
+  setup = trainer.build(config, data=False)
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
+
+  params = jax.device_get(state.params["params"])
+  stored = np.asarray(deit_params["pos_embedding"]).reshape(-1, deit["width"])
+  want = np.asarray(vit.fit_position_table(stored, (1 + 16 * 16, deit["width"]), "bicubic", False))
+  np.testing.assert_allclose(params["image_encoder"]["pos_embedding"], want, atol=1e-6)
+  query = np.asarray(bert_params["params"]["block_0"]["attn"]["query"]["kernel"])
+  np.testing.assert_array_equal(params["text_encoder"]["block_0"]["attn"]["query"]["kernel"], query)
+
+  compiled = trainer.lower_step(setup).compile()
+  assert trainer.log_memory_analysis(compiled)["argument_size_mib"] > 0
+  batch = testing.shard_leading(testing.synthetic_batch(setup.spec), setup.mesh)
+  with jax.set_mesh(setup.mesh):
+    _, metrics = compiled(state, batch)
+  assert all(np.isfinite(float(metrics[k])) for k in ("loss", "tcl_ita", "itm", "mlm"))

@@ -1,17 +1,22 @@
 """Datasets on disk (vlalign/data/files.py) through the Grain pipeline: every reader, bad data,
 mixtures, exact resumption and streamed evaluation data."""
 
+import copy
+import io
 import json
+import logging
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 import grain
 import numpy as np
 import pytest
+from PIL import Image
 
-from vlalign.data import files, images, pipeline, shapes, shapes_to_files
+from vlalign.data import augment, files, images, pipeline, shapes, shapes_to_files, transforms
 from vlalign.data.tokenizer import build_tokenizer
 from vlalign.errors import ConfigError, PathError
 
@@ -19,6 +24,7 @@ SIZE = 32
 SIZES = {"train": 24, "val": 12}
 OPTIONS = files.ImageOptions(size=SIZE)
 TOKENIZER = build_tokenizer(dict(tokenizer="shapes_words"))
+BICUBIC = Image.Resampling.BICUBIC
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +272,204 @@ def test_the_skip_count_and_position_survive_an_orbax_checkpoint(written, tmp_pa
     for key in batch:
       np.testing.assert_array_equal(batch[key], got[key])
   assert int(want[29][pipeline.SKIPPED_KEY].max()) >= 4  # a full epoch of drops is in the stream
+
+
+# ------------------------------------------------------------------ train crops of the original
+
+
+def _photo(tmp_path, width=300, height=200):
+  """An ALBEF spec of one `width` x `height` JPEG with detail at several scales, and its bytes."""
+  rng = np.random.default_rng(0)
+  coarse = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+  pixels = np.asarray(Image.fromarray(coarse).resize((width, height), BICUBIC))
+  jpeg = images.encode_jpeg(pixels, 90)
+  (tmp_path / "photo.jpg").write_bytes(jpeg)
+  ann = tmp_path / "photo.json"
+  ann.write_text(json.dumps([{"image": "photo.jpg", "caption": "a red circle"}]))
+  return dict(format="albef_json", ann=str(ann), image_root=str(tmp_path)), jpeg
+
+
+def _record_augment(monkeypatch):
+  """Makes the pipeline's recipes record each call: `[(input image, rng before the call,
+  source kwargs)]`."""
+  calls, build = [], augment.build_augment
+
+  def recording(aug_config):
+    fn = build(aug_config)
+
+    def wrapped(image, rng, **source):
+      calls.append((image.copy(), copy.deepcopy(rng), source))
+      return fn(image, rng, **source)
+
+    return wrapped
+
+  monkeypatch.setattr(pipeline.augment, "build_augment", recording)
+  return calls
+
+
+def _first_batch(config):
+  dataset = pipeline.make_train_dataset(
+    config, TOKENIZER, global_batch_size=1, seed=3, process_index=0, process_count=1
+  )
+  return next(iter(dataset))
+
+
+def test_train_crops_are_cut_from_the_full_resolution_image(tmp_path, monkeypatch):
+  """ALBEF/TCL crop the photo as stored, not one squashed to image_size first."""
+  spec, jpeg = _photo(tmp_path)
+  calls = _record_augment(monkeypatch)
+  config = _data_config(spec, augment=dict(name="tcl"), augment_views=2)
+  batch = _first_batch(config)
+  full = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # the references' loader
+  assert full.shape == (200, 300, 3) and len(calls) == 2  # view 2 is drawn first, then view 1
+  recipe = augment.build_augment(dict(name="tcl", image_size=SIZE))
+  for (image, rng, source), key in zip(calls, ("image_aug", "image")):
+    np.testing.assert_array_equal(image, full)
+    assert source == {}
+    want = recipe(full, copy.deepcopy(rng))
+    np.testing.assert_allclose(batch[key][0], transforms.normalize_image(want), atol=1e-5)
+    squashed = recipe(images.decode_image(jpeg, SIZE), copy.deepcopy(rng))
+    assert np.abs(squashed.astype(int) - want.astype(int)).mean() > 5  # not the squashed image
+  # "resized": the earlier path, the crop cut from the image squashed to image_size.
+  calls.clear()
+  _first_batch(_data_config(spec, augment=dict(name="tcl"), train_decode="resized"))
+  np.testing.assert_array_equal(calls[0][0], images.decode_image(jpeg, SIZE))
+
+
+def test_drafted_train_crops_match_full_resolution_crops(tmp_path, monkeypatch):
+  """With train_decode_min_side the JPEG is decoded at 1/2 here; the box is drawn on 300x200."""
+  spec, jpeg = _photo(tmp_path)
+  calls = _record_augment(monkeypatch)
+  batch = _first_batch(
+    _data_config(spec, augment=dict(name="crop_flip"), train_decode_min_side=100)
+  )
+  ((image, rng, source),) = calls
+  np.testing.assert_array_equal(image, images.decode_original(jpeg, 100).image)
+  assert image.shape == (100, 150, 3)
+  assert source == dict(source_size=(200, 300), source_scale=0.5)
+  recipe = augment.build_augment(dict(name="crop_flip", image_size=SIZE))
+  drafted = recipe(image, copy.deepcopy(rng), **source)
+  np.testing.assert_allclose(batch["image"][0], transforms.normalize_image(drafted), atol=1e-5)
+  full = recipe(images.decode_original(jpeg).image, copy.deepcopy(rng))
+  assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3.0  # box drawn on 150x100: ~10
+  with pytest.raises(ConfigError, match="train_decode_min_side=0"):
+    _first_batch(_data_config(spec, augment=dict(name="crop_flip"), train_decode_min_side=0))
+  with pytest.raises(ConfigError, match="train_decode='full'"):
+    pipeline.check_train_split(_data_config(spec, train_decode="full"), 1, 1, 0)
+
+
+def test_evaluation_images_are_unchanged_by_train_crops(tmp_path):
+  spec, jpeg = _photo(tmp_path)
+  config = _data_config(spec, val=spec, augment=dict(name="albef"))
+  rows = pipeline.make_eval_data(config, TOKENIZER, "val")["images"][np.array([0])]
+  want = images.decode_image(jpeg, SIZE, "squash")  # JPEG draft, then bicubic squash
+  np.testing.assert_allclose(rows[0], transforms.normalize_image(want), atol=1e-5)
+  full_squash = np.asarray(
+    Image.open(io.BytesIO(jpeg)).convert("RGB").resize((SIZE, SIZE), BICUBIC)
+  )
+  assert np.abs(want.astype(int) - full_squash.astype(int)).mean() < 1.5  # ALBEF's Resize
+  original = files.make_source(spec, files.ImageOptions(SIZE, original=True))
+  assert original[0]["image"].shape == (200, 300, 3)
+  np.testing.assert_array_equal(original.image(0), want)  # what evaluation reads
+
+
+def test_unreadable_originals_are_black_placeholders_and_dropped(written, tmp_path):
+  spec, bad = _damaged_albef(written["albef_json"][0], tmp_path)
+  source = files.make_source(spec, files.ImageOptions(SIZE, original=True))
+  for index in bad:
+    example = source[index]
+    assert example["valid"] == 0 and "source_size" not in example
+    np.testing.assert_array_equal(example["image"], np.zeros((SIZE, SIZE, 3), np.uint8))
+  config = _data_config(spec, augment=dict(name="albef"), augment_views=2)
+  batches, _ = _batches(config, 15)  # one epoch of the 116 good examples
+  assert all(b["image"].shape == b["image_aug"].shape == (8, SIZE, SIZE, 3) for b in batches)
+  assert int(batches[-1][pipeline.SKIPPED_KEY].max()) >= len(bad)
+  threaded, _ = _batches({**config, "num_threads": 2}, 3)  # same crops from read threads
+  for want, got in zip(batches, threaded):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+# ------------------------------------------------------------------ webdataset shards per process
+
+
+def _write_shards(root, counts):
+  """Tar shards of `counts[i]` samples each; sample k of shard i has the caption "shard{i}
+  sample{k}"."""
+  jpeg = images.encode_jpeg(np.full((8, 8, 3), 100, np.uint8))
+  paths = []
+  for shard, count in enumerate(counts):
+    path = root / f"{shard:05d}.tar"
+    with tarfile.open(path, "w") as tar:
+      for k in range(count):
+        for ext, data in ((".jpg", jpeg), (".txt", f"shard{shard} sample{k}".encode())):
+          info = tarfile.TarInfo(f"{shard:05d}{k:04d}{ext}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+    paths.append(str(path))
+  return paths
+
+
+def _shard_of(caption):
+  return int(caption.split()[0][len("shard") :])
+
+
+def test_webdataset_shards_are_divided_by_file_among_processes(tmp_path, monkeypatch):
+  counts = [3, 4, 2, 5, 3, 1]
+  spec = dict(format="webdataset", shards=str(tmp_path / "{00000..00005}.tar"))
+  paths = _write_shards(tmp_path, counts)
+  indexed, index_shard = [], files._index_shard
+  monkeypatch.setattr(files, "_index_shard", lambda path: indexed.append(path) or index_shard(path))
+  whole = files.make_source(spec, OPTIONS)  # one process: every shard, as before
+  assert whole.process_split is None and indexed == paths and len(whole) == sum(counts)
+  assert whole.image_ids.tolist() == list(range(sum(counts)))
+  captions, ids = [], []
+  for p in range(3):
+    indexed.clear()
+    part = files.make_source(spec, OPTIONS, process_index=p, process_count=3)
+    assert indexed == paths[p::3] and part.process_split == (p, 3)
+    assert len(part) == sum(counts[p::3])
+    assert part.image_ids.tolist() == [p + 3 * k for k in range(len(part))]
+    for k in range(len(part)):
+      assert _shard_of(part.captions_of(k)[0]) % 3 == p
+      assert part[k]["valid"] == 1
+    captions += [part.captions_of(k) for k in range(len(part))]
+    ids += part.image_ids.tolist()
+  assert sorted(captions) == sorted(whole.captions_of(i) for i in range(len(whole)))
+  assert len(set(ids)) == len(ids)  # unique over the processes
+  # Fewer shards than processes, or max_examples: every process indexes everything, as before.
+  for process_count, extra in ((8, {}), (2, dict(max_examples=5))):
+    indexed.clear()
+    part = files.make_source({**spec, **extra}, OPTIONS, 1, process_count)
+    assert part.process_split is None and indexed[0] == paths[0]
+  # A process never opens another's shard: a damaged shard 1 fails process 1 only.
+  pathlib.Path(paths[1]).write_bytes(b"not a tar file" * 100)
+  assert len(files.make_source(spec, OPTIONS, 0, 2)) == counts[0] + counts[2] + counts[4]
+  with pytest.raises(PathError, match="00001.tar"):
+    files.make_source(spec, OPTIONS, 1, 2)
+
+
+def test_each_process_streams_only_its_own_shards(tmp_path, caplog):
+  counts = [3, 4, 2, 5, 2, 2]  # 8, 6 and 4 records in processes 0, 1, 2 of 3
+  _write_shards(tmp_path, counts)
+  config = _data_config(dict(format="webdataset", shards=str(tmp_path / "*.tar")))
+  for p in range(3):
+    part = files.make_source(config["train"], OPTIONS, p, 3)
+    pipeline.check_train_split(config, 6, 3, process_index=p)
+    dataset = pipeline.make_train_dataset(
+      config, TOKENIZER, global_batch_size=6, seed=3, process_index=p, process_count=3
+    )
+    iterator = iter(dataset)
+    epoch = len(part) // 2  # local batch 2; process p's records only, each once per epoch
+    seen = [i for _ in range(epoch) for i in next(iterator)["image_id"].tolist()]
+    assert sorted(seen) == part.image_ids.tolist()
+  # A mixture's default weights count a part divided by file P times: every record one rate.
+  single = dict(format="webdataset", shards=str(tmp_path / "00000.tar"))  # 1 shard: by record
+  mixed = _data_config(dict(mixture=[config["train"], single]))
+  mixture = pipeline.make_source(mixed, "train", process_index=1, process_count=3)
+  assert mixture.weights == [3 * 6, 3]
+  with pytest.raises(ConfigError, match="this process's files"):
+    pipeline.check_train_split(config, 3 * 32, 3, process_index=2)  # 4 records in process 2
+  with caplog.at_level(logging.WARNING):
+    files.make_source(config["train"], OPTIONS, 0, 4)  # 6 shards over 4 processes: 2 or 1 each
+  assert "drawn more often" in caplog.text

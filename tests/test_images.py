@@ -393,3 +393,50 @@ def test_resize_array_resizes_like_decoding_a_lossless_file():
     np.testing.assert_array_equal(images.resize_array(image, 16, resize), want)
   grey = images.resize_array(image[..., 0], 16)
   assert grey.shape == (16, 16, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+# ----------------------------------------------------------------------------- originals (crops)
+
+
+@pytest.mark.parametrize("decoder", ["pil", "simplejpeg"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decode_original_is_plain_pil_at_full_resolution(decoder, mode):
+  if decoder == "simplejpeg":
+    pytest.importorskip("simplejpeg")
+  data = encode(Image.fromarray(smooth_image(300, 200)).convert(mode), quality=90)
+  original = images.decode_original(data, decoder=decoder)
+  want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  assert original.image.shape == (200, 300, 3) and original.image.flags.writeable
+  assert (original.height, original.width, original.scale) == (200, 300, 1.0)
+  assert diff(original.image, want).max() <= (1 if mode == "CMYK" else 0)  # libjpeg-turbo: +-1
+
+
+@pytest.mark.parametrize("decoder", ["pil", "simplejpeg"])
+def test_decode_original_drafts_jpegs_to_min_side(big_jpeg, decoder):
+  if decoder == "simplejpeg":
+    pytest.importorskip("simplejpeg")
+  for min_side, scale in [(100, 8), (113, 4), (300, 2), (451, 1), (5000, 1)]:
+    original = images.decode_original(big_jpeg, min_side, decoder)
+    assert original.image.shape == (-(-900 // scale), -(-1200 // scale), 3), min_side
+    assert (original.height, original.width, original.scale) == (900, 1200, 1 / scale)
+  png = encode(smooth_image(1200, 900), "PNG")
+  assert images.decode_original(png, 100).image.shape == (900, 1200, 3)  # no draft for PNGs
+
+
+def test_load_original_takes_bytes_arrays_and_paths(tmp_path, big_jpeg):
+  path = tmp_path / "a.jpg"
+  path.write_bytes(big_jpeg)
+  from_path = images.load_original(str(path), 300)
+  np.testing.assert_array_equal(from_path.image, images.decode_original(big_jpeg, 300).image)
+  assert images.load_original(big_jpeg).image.shape == (900, 1200, 3)
+  grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  for array in (grey, grey[..., None]):
+    original = images.load_original(array, 2)  # arrays are never drafted
+    assert original.image.shape == (3, 4, 3) and original.scale == 1.0
+    np.testing.assert_array_equal(original.image[..., 1], grey)
+  with pytest.raises(images.UnreadableImageError, match="missing.jpg"):
+    images.load_original(str(tmp_path / "missing.jpg"))
+  with pytest.raises(images.UnreadableImageError):
+    images.decode_original(big_jpeg[: len(big_jpeg) // 2])
+  with pytest.raises(ValueError, match="min_side"):
+    images.decode_original(big_jpeg, 0)

@@ -385,3 +385,35 @@ def test_augment_config_errors():
     _train(_config(augment=dict(name="nope")))
   with pytest.raises(ValueError, match=r"augment_fn must return uint8 \(32, 32, 3\)"):
     next(iter(_train(augment_fn=lambda image, rng: image[: SIZE // 2])))
+
+
+# ------------------------------------------------------------------ crops of the original image
+
+
+def test_embedded_data_ignores_train_decode():
+  """The embedded images are rendered at image_size: train_decode changes nothing there."""
+  want = _take(iter(_train(_config(augment=dict(name="albef")), seed=2)), 2)
+  for mode in ("original", "resized"):
+    config = _config(augment=dict(name="albef"), train_decode=mode, train_decode_min_side=8)
+    _assert_same_batches(_take(iter(_train(config, seed=2)), 2), want)
+
+
+def test_crop_original_checks_the_output_and_keeps_placeholders():
+  rng = np.random.default_rng(0)
+  stored = np.full((50, 70, 3), 7, np.uint8)
+  calls = []
+
+  def crop(image, rng, **source):
+    calls.append(source)
+    return np.ascontiguousarray(image[:SIZE, :SIZE])
+
+  stage = pipeline.CropOriginal(crop, SIZE)
+  assert stage.random_map({"image": stored}, rng)["image"].shape == (SIZE, SIZE, 3)
+  drafted = {"image": stored, "source_size": (100, 140), "source_scale": 0.5}
+  pipeline.CropOriginal(crop, SIZE, "image_aug").random_map(drafted, rng)
+  assert calls == [{}, dict(source_size=(100, 140), source_scale=0.5)]
+  placeholder = np.zeros((SIZE, SIZE, 3), np.uint8)
+  out = stage.random_map({"image": placeholder, "valid": np.int32(0)}, rng)
+  assert out["image"] is placeholder and len(calls) == 2  # a flagged example is not augmented
+  with pytest.raises(ValueError, match=r"augment_fn must return uint8 \(32, 32, 3\)"):
+    pipeline.CropOriginal(lambda image, rng: image, SIZE).random_map({"image": stored}, rng)

@@ -16,7 +16,12 @@ A split of `data.name = "files"` is described by a *source spec* (a dict in the 
 - `dict(format="webdataset", shards=<glob, brace pattern "a/{00000..00099}.tar", or list>)`: tar
   shards as `img2dataset` writes them: members `<key>.jpg` (or .jpeg/.png/.webp) with `<key>.txt`
   or `<key>.json` (field `caption`). The shards' headers are indexed once when the source is built
-  (a few ms per shard on a local disk); reading is random access by byte offset.
+  (a few ms per shard on a local disk); reading is random access by byte offset. Built for one
+  process of several (`make_source(..., process_index=p, process_count=P)`, the train split), a
+  source of at least P shards holds only the shards `p, p + P, p + 2P, ...` (shard i goes to
+  process `i % P`), so each process indexes and reads 1/P of the files; with fewer shards than
+  processes, or with `max_examples`, every process indexes every shard and the pipeline shards
+  the records instead (see `CaptionedImages.process_split`).
 - `dict(format="tfds", name=<builder name>, data_dir=<dir>, split="train")` or
   `dict(format="tfds", builder_dir=<dir>, split=...)`: a prepared TFDS builder (ArrayRecord files,
   e.g. the output of `python -m vlalign.data.convert`), read with `tfds.data_source`, without
@@ -27,11 +32,14 @@ Every spec also takes `max_examples` (the first N examples only). A train split 
 *mixture*: `dict(mixture=[spec, ...], weights=[...])` (weights default to the sources' sizes, i.e.
 plain concatenation as ALBEF's 4M/14M sets are; see `vlalign.data.pipeline`).
 
-Examples are dicts `image` uint8 `[S, S, 3]`, `captions` tuple of str, `image_id` int, `valid`
-int32 (1, or 0 for an example the pipeline drops and counts: a missing, truncated or undecodable
-image, or no non-empty caption; its `image` is then zeros and `error` says why). Building a source
-fails with a `PathError` naming the path when an annotation file, image root or shard is missing,
-and when none of the first images a spec names can be found (a wrong `image_root`).
+Examples are dicts `image` uint8 `[S, S, 3]` (with `ImageOptions.original`: uint8 `[h, w, 3]`,
+the stored image at its own resolution, for a train augmentation that crops it, with
+`source_size` `(H, W)` and `source_scale` as `images.Original` has them), `captions` tuple of
+str, `image_id` int, `valid` int32 (1, or 0 for an example the pipeline drops and counts: a
+missing, truncated or undecodable image, or no non-empty caption; its `image` is then zeros
+`[S, S, 3]`, whatever `original` says, and `error` says why). Building a source fails with a
+`PathError` naming the path when an annotation file, image root or shard is missing, and when
+none of the first images a spec names can be found (a wrong `image_root`).
 """
 
 import dataclasses
@@ -44,6 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from vlalign.data import images
@@ -56,11 +65,25 @@ _PROBE = 8  # images checked for existence when a spec is built
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-  """How examples' images are decoded: `size` (S), `resize` (images.RESIZE_MODES), `decoder`."""
+  """How examples' images are decoded.
+
+  Attributes:
+    size: S, the side of `CaptionedImages.image` (and of the placeholder of an unreadable image).
+    resize: how `image` fits the image to S x S (`images.RESIZE_MODES`).
+    decoder: `images.DECODERS`.
+    original: examples (`source[i]`) hold the image at its stored resolution, uint8 `[H, W, 3]`
+      (`images.load_original`), not resized to S: the input of a train augmentation that cuts a
+      random resized crop, as the references crop the full-resolution photo. `image(i)` (what
+      evaluation reads) is S x S either way.
+    original_min_side: with `original`, None (full resolution) or JPEGs decoded at the smallest
+      power-of-two scale (1/2, 1/4, 1/8) keeping both sides >= this (PIL's draft mode).
+  """
 
   size: int
   resize: str = "squash"
   decoder: str = "pil"
+  original: bool = False
+  original_min_side: int | None = None
 
 
 def _spec_dict(spec: Any) -> dict:
@@ -120,6 +143,9 @@ class CaptionedImages:
     captions: `index -> tuple of str` (cheap: no image is read).
     image_ids: `[N]` int32.
     options: how images are decoded.
+    process_split: None, or `(p, P)` when the source holds only process p's part of a split
+      divided among P processes by file (webdataset shards); a pipeline then takes every example
+      instead of slicing `[p::P]`.
   """
 
   def __init__(
@@ -130,6 +156,7 @@ class CaptionedImages:
     captions: Callable[[int], tuple[str, ...]],
     image_ids: np.ndarray,
     options: ImageOptions,
+    process_split: tuple[int, int] | None = None,
   ):
     if num_examples <= 0:
       raise ConfigError(f"{name} holds no examples")
@@ -139,6 +166,7 @@ class CaptionedImages:
     self.captions_of = captions
     self.image_ids = np.asarray(image_ids, dtype=np.int32)
     self.options = options
+    self.process_split = process_split
 
   def __len__(self) -> int:
     return self.num_examples
@@ -150,6 +178,26 @@ class CaptionedImages:
     """uint8 `[S, S, 3]` of example `index`; UnreadableImageError if it cannot be decoded."""
     options = self.options
     return images.load_image(self._load_image(index), options.size, options.resize, options.decoder)
+
+  def original_image(self, index: int) -> images.Original:
+    """Example `index`'s image at its stored resolution (uint8 `[h, w, 3]` pixels, JPEGs drafted
+    to `options.original_min_side` when set, with the stored size and the decoding scale);
+    UnreadableImageError if it cannot be decoded."""
+    options = self.options
+    raw = self._load_image(index)
+    return images.load_original(raw, options.original_min_side, options.decoder)
+
+  def _image_fields(self, index: int) -> dict:
+    """`{"image": uint8 [S, S, 3]}`, or with `options.original` the pixels at stored resolution
+    `[h, w, 3]` with `source_size` (H, W) and `source_scale` (`images.Original`)."""
+    if not self.options.original:
+      return {"image": self.image(index)}
+    original = self.original_image(index)
+    return {
+      "image": original.image,
+      "source_size": (original.height, original.width),
+      "source_scale": original.scale,
+    }
 
   def encoded_image(self, index: int) -> bytes:
     """The stored bytes of example `index`'s image (a uint8 array source's image as PNG);
@@ -173,7 +221,7 @@ class CaptionedImages:
     error = None if captions else "no non-empty caption"
     if error is None:
       try:
-        example["image"] = self.image(index)
+        example.update(self._image_fields(index))
       except (images.UnreadableImageError, OSError) as e:
         error = str(e)
     if error is not None:
@@ -210,8 +258,11 @@ def _strip(path: str, prefix: str) -> str:
   return path[len(prefix) :] if prefix and path.startswith(prefix) else path
 
 
-def albef_json(spec: dict, options: ImageOptions) -> CaptionedImages:
+def albef_json(
+  spec: dict, options: ImageOptions, process_index: int = 0, process_count: int = 1
+) -> CaptionedImages:
   """ALBEF/TCL annotation files (see the module docstring)."""
+  del process_index, process_count  # One index file: the whole split in every process.
   ann = _paths(spec.get("ann"), "albef_json ann")
   root = _root(spec.get("image_root"), f"albef_json {ann[0]}")
   entries = [e for path in ann for e in _read_json(path)]
@@ -227,8 +278,11 @@ def albef_json(spec: dict, options: ImageOptions) -> CaptionedImages:
   return _file_source(f"albef_json {os.path.basename(ann[0])}", paths, captions, ids, options)
 
 
-def karpathy(spec: dict, options: ImageOptions) -> CaptionedImages:
+def karpathy(
+  spec: dict, options: ImageOptions, process_index: int = 0, process_count: int = 1
+) -> CaptionedImages:
   """Karpathy's split files (see the module docstring)."""
+  del process_index, process_count  # One index file: the whole split in every process.
   (ann,) = _paths(spec.get("ann"), "karpathy ann")[:1]
   root = _root(spec.get("image_root"), f"karpathy {ann}")
   wanted = spec.get("split", "test")
@@ -306,17 +360,54 @@ def _web_caption(path: str, members: dict[str, _Member]) -> tuple[str, ...]:
   return ()
 
 
-def webdataset(spec: dict, options: ImageOptions) -> CaptionedImages:
-  """img2dataset-style tar shards (see the module docstring). Captions are read at index time."""
+def _process_shards(
+  shards: list[str], spec: dict, process_index: int, process_count: int
+) -> list[int] | None:
+  """The indices of the shards process `process_index` of `process_count` reads (`i % P == p`),
+  or None when every process reads every shard (one process, fewer shards than processes, or
+  `max_examples`, which counts examples in the order of all shards)."""
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index} not in [0, process_count={process_count})")
+  if process_count == 1:
+    return None
+  if len(shards) < process_count or spec.get("max_examples"):
+    why = "max_examples is set" if spec.get("max_examples") else "fewer shards than processes"
+    logging.info(
+      "webdataset: %d shards, %d processes, %s: every process indexes every shard and reads every "
+      "%d-th record", len(shards), process_count, why, process_count,
+    )  # fmt: skip
+    return None
+  if len(shards) % process_count:
+    logging.warning(
+      "webdataset: %d shards over %d processes: processes hold %d or %d shards; each repeats its "
+      "own records, so records of processes with fewer are drawn more often. A shard count that "
+      "the process count divides gives every record the same rate.",
+      len(shards), process_count, -(-len(shards) // process_count), len(shards) // process_count,
+    )  # fmt: skip
+  return list(range(process_index, len(shards), process_count))
+
+
+def webdataset(
+  spec: dict, options: ImageOptions, process_index: int = 0, process_count: int = 1
+) -> CaptionedImages:
+  """img2dataset-style tar shards (see the module docstring). Captions are read at index time.
+
+  With several processes and at least as many shards, only this process's shards (`i % P == p`)
+  are checked and indexed; its examples' `image_id`s are `p + P * k` (k: the example's position
+  in this process's part), unique over the processes.
+  """
   shards = expand_shards(spec.get("shards") or [])
   if not shards:
     raise ConfigError(f"webdataset: no shard matches {spec.get('shards')!r}")
-  for path in shards:
-    if not os.path.isfile(path):
-      raise PathError(f"webdataset: shard {path} does not exist")
+  mine = _process_shards(shards, spec, int(process_index), int(process_count))
+  read = range(len(shards)) if mine is None else mine
+  for shard in read:
+    if not os.path.isfile(shards[shard]):
+      raise PathError(f"webdataset: shard {shards[shard]} does not exist")
   refs, captions = [], []
   limit = spec.get("max_examples")
-  for shard, path in enumerate(shards):
+  for shard in read:
+    path = shards[shard]
     try:
       samples = _index_shard(path)
     except tarfile.TarError as e:
@@ -338,9 +429,20 @@ def webdataset(spec: dict, options: ImageOptions) -> CaptionedImages:
       raise images.UnreadableImageError(f"sample {index} of {shards[shard]} has no image member")
     return _read_member(shards[shard], member)
 
-  ids = np.arange(len(refs), dtype=np.int32)
-  name = f"webdataset {os.path.dirname(shards[0]) or '.'} ({len(shards)} shards)"
-  return CaptionedImages(name, len(refs), load_image, captions.__getitem__, ids, options)
+  where = os.path.dirname(shards[0]) or "."
+  if mine is None:
+    ids, split = np.arange(len(refs), dtype=np.int32), None
+    name = f"webdataset {where} ({len(shards)} shards)"
+  else:
+    ids = (process_index + process_count * np.arange(len(refs), dtype=np.int64)).astype(np.int32)
+    split = (int(process_index), int(process_count))
+    name = (
+      f"webdataset {where} ({len(mine)} of {len(shards)} shards: process {process_index} of "
+      f"{process_count})"
+    )
+  return CaptionedImages(
+    name, len(refs), load_image, captions.__getitem__, ids, options, process_split=split
+  )
 
 
 def prepared_tfds_builder(spec: dict) -> Any:
@@ -364,8 +466,11 @@ def prepared_tfds_builder(spec: dict) -> Any:
   return tfds.builder(name, data_dir=data_dir)
 
 
-def tfds_source(spec: dict, options: ImageOptions) -> CaptionedImages:
+def tfds_source(
+  spec: dict, options: ImageOptions, process_index: int = 0, process_count: int = 1
+) -> CaptionedImages:
   """A prepared TFDS builder read with `tfds.data_source` (see the module docstring)."""
+  del process_index, process_count  # One index file: the whole split in every process.
   source = prepared_tfds_builder(spec).as_data_source(split=spec.get("split", "train"))
   image_key = spec.get("image_key", "image")
   caption_key = spec.get("caption_key", "captions")
@@ -395,7 +500,9 @@ def tfds_source(spec: dict, options: ImageOptions) -> CaptionedImages:
   return CaptionedImages(name, size, load_image, captions, ids, options)
 
 
-READERS: dict[str, Callable[[dict, ImageOptions], CaptionedImages]] = {
+# `reader(spec, options, process_index, process_count)`; only `webdataset` divides its files among
+# processes, the others hold the whole split in every process (their index is one file).
+READERS: dict[str, Callable[[dict, ImageOptions, int, int], CaptionedImages]] = {
   "albef_json": albef_json,
   "karpathy": karpathy,
   "webdataset": webdataset,
@@ -403,10 +510,14 @@ READERS: dict[str, Callable[[dict, ImageOptions], CaptionedImages]] = {
 }
 
 
-def make_source(spec: Any, options: ImageOptions) -> CaptionedImages:
-  """The source a spec describes (see the module docstring)."""
+def make_source(
+  spec: Any, options: ImageOptions, process_index: int = 0, process_count: int = 1
+) -> CaptionedImages:
+  """The source a spec describes (see the module docstring); for process `process_index` of
+  `process_count`, a webdataset of at least that many shards holds only this process's shards
+  (its `process_split` says so), every other source the whole split."""
   spec = _spec_dict(spec)
   fmt = spec.get("format")
   if fmt not in READERS:
     raise ConfigError(f"unknown data format {fmt!r}; available: {sorted(READERS)}")
-  return READERS[fmt](spec, options)
+  return READERS[fmt](spec, options, int(process_index), int(process_count))

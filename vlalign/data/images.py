@@ -45,6 +45,16 @@ Decoders (`decoder=`):
   within a few percent of `"pil"`, because the bicubic resize, not the decode, dominates. Without
   it this decoder raises ImportError naming the pip line.
 
+Train crops (`decode_original`, `load_original`): an augmentation that cuts a random resized crop
+(ALBEF/TCL's `RandomResizedCrop`) needs the image at its stored resolution, as torchvision crops
+the full-resolution PIL image, not one squashed to `size` first. These return an `Original`: the
+pixels uint8 `[h, w, 3]` at the image's own size `H x W` (the same pixels as
+`Image.open(...).convert("RGB")`, with the RGB rules above), or, with `min_side`, a JPEG decoded
+at the smallest power-of-two scale (1/2, 1/4, 1/8, libjpeg's DCT scaling, the same rule as above)
+that keeps both sides >= `min_side` (`h = ceil(H * scale)`); other formats are always decoded at
+full size. `H`, `W` and `scale` come with the pixels, so that a crop box drawn on the stored size
+can be cut from the drafted pixels at the same place (`augment`'s `source_size`/`source_scale`).
+
 `encode_jpeg` and `downscale_jpeg` serve dataset conversion: `downscale_jpeg` bounds the shorter
 side (pre-resizing once, at conversion time, makes every later decode cheaper) and keeps JPEGs
 that are already small byte for byte.
@@ -66,6 +76,7 @@ _BICUBIC = Image.Resampling.BICUBIC
 _JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker, then the next marker's 0xFF
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's multi-picture JPEG; its first frame is a JPEG
 _DRAFT_SCALES = (8, 4, 2, 1)  # the power-of-two scales libjpeg decodes to, as PIL's draft picks
+_FULL_RESOLUTION = 1 << 30  # a draft bound no image reaches: scale 1, full resolution
 # What PIL raises for bytes it cannot open, decode or convert (plugins raise all of these).
 _PIL_ERRORS = (
   OSError,
@@ -315,6 +326,87 @@ def load_image(raw: Any, size: int, resize: str = "squash", decoder: str = "pil"
   if isinstance(raw, bytes | np.bytes_):
     return decode_image(bytes(raw), size, resize, decoder)
   return read_image(os.fspath(raw), size, resize, decoder)
+
+
+def _check_min_side(min_side: int | None) -> None:
+  if min_side is not None:
+    _check_positive(min_side, "min_side")
+
+
+class Original(NamedTuple):
+  """An image decoded for cropping (see the module docstring, "Train crops").
+
+  Attributes:
+    image: writable uint8 `[h, w, 3]` RGB pixels, `h = ceil(height * scale)` (likewise `w`).
+    height, width: the stored image's size in pixels.
+    scale: 1, 1/2, 1/4 or 1/8: pixel `(y, x)` of `image` covers the stored image's pixels
+      `[y / scale, (y + 1) / scale)` (likewise x).
+  """
+
+  image: np.ndarray
+  height: int
+  width: int
+  scale: float
+
+
+def _decode_original(data: bytes, min_side: int | None, decoder: str, path: str | None) -> Original:
+  bound = _FULL_RESOLUTION if min_side is None else int(min_side)
+  decoded = _decode_simplejpeg(data, bound) if decoder == "simplejpeg" else None
+  if decoded is None:
+    decoded = _decode_pil(data, bound, path)
+  pixels = np.array(decoded.image, dtype=np.uint8)
+  return Original(pixels, decoded.height, decoded.width, decoded.scale)
+
+
+def decode_original(data: bytes, min_side: int | None = None, decoder: str = "pil") -> Original:
+  """Encoded image bytes -> the image at its own resolution (see the module docstring, "Train
+  crops").
+
+  Args:
+    data: the encoded file (JPEG, PNG, GIF, WebP, BMP, TIFF, ...).
+    min_side: None (full resolution), or a JPEG is decoded at the smallest of the scales 1, 1/2,
+      1/4, 1/8 that keeps both sides >= `min_side`.
+    decoder: `"pil"` or `"simplejpeg"` (JPEGs only; other formats use PIL).
+
+  Returns:
+    An `Original`: uint8 `[h, w, 3]` pixels, the stored size and the decoding scale.
+
+  Raises:
+    UnreadableImageError: empty, truncated or undecodable bytes.
+    ValueError: an unknown `decoder`, or a `min_side` below 1.
+    ImportError: `decoder="simplejpeg"` without the simplejpeg package.
+  """
+  _check_min_side(min_side)
+  _check_choice(decoder, DECODERS, "decoder")
+  return _decode_original(data, min_side, decoder, None)
+
+
+def _array_to_rgb(image: np.ndarray) -> np.ndarray:
+  """A decoded uint8 `[H, W]`, `[H, W, 1]`, `[H, W, 3]` or `[H, W, 4]` image as uint8
+  `[H, W, 3]` RGB (`_to_rgb`'s rules)."""
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if image.dtype != np.uint8 or image.ndim not in (2, 3):
+    raise ValueError(f"expected a uint8 [H, W(, C)] image, got {image.dtype} {image.shape}")
+  if image.ndim == 3 and image.shape[-1] == 3:
+    return np.array(image, dtype=np.uint8)
+  return np.array(_to_rgb(Image.fromarray(np.ascontiguousarray(image))), dtype=np.uint8)
+
+
+def load_original(raw: Any, min_side: int | None = None, decoder: str = "pil") -> Original:
+  """A stored image, whatever a source holds (encoded bytes, a decoded uint8 array `[H, W]`,
+  `[H, W, 1]` or `[H, W, 3]`, or a path), at its own resolution (`decode_original`; a decoded
+  array comes back as it is, as RGB, at scale 1). Errors name the path."""
+  _check_min_side(min_side)
+  _check_choice(decoder, DECODERS, "decoder")
+  if isinstance(raw, np.ndarray):
+    pixels = _array_to_rgb(raw)
+    return Original(pixels, pixels.shape[0], pixels.shape[1], 1.0)
+  if isinstance(raw, bytes | np.bytes_):
+    return _decode_original(bytes(raw), min_side, decoder, None)
+  path = os.fspath(raw)
+  return _decode_original(_read_bytes(path), min_side, decoder, path)
 
 
 def encode_png(image: np.ndarray) -> bytes:

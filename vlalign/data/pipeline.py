@@ -16,6 +16,23 @@ Train-only fields:
 
 - `augment`: None / absent (train images unchanged) or a dict for `augment.build_augment`, e.g.
   `dict(name="tcl")`; its `image_size` defaults to `image_size` and must equal it.
+- `train_decode`: "original" (default) or "resized", for a file dataset (`name = "files"`) with a
+  cropping `augment` recipe (`CROP_RECIPES`: crop_flip, albef, tcl). "original": each train image
+  is decoded at its stored resolution and the recipe's random resized crop is cut from it and
+  resized (bicubic) to `image_size`, as ALBEF/TCL's `RandomResizedCrop` crops the full-resolution
+  photo; batches keep their fixed `[b, S, S, 3]`. "resized": the image is first decoded and resized
+  to `image_size` like an evaluation image (`resize`), and the crop is cut from that (faster; the
+  crops are blurrier and their aspect ratios follow the squashed image). The embedded data, other
+  recipes, a custom `augment_fn` and every evaluation image keep the resized path.
+- `train_decode_min_side`: None (default: exact full resolution) or an int B: with "original", a
+  JPEG is decoded at the smallest power-of-two scale (1/2, 1/4, 1/8; libjpeg's DCT scaling, PIL's
+  draft mode) that keeps both sides >= B, which makes decoding and cropping of large photos
+  cheaper (other formats: full resolution). The crop box is still drawn on the stored size (the
+  same draws as at full resolution) and cut from the drafted pixels at the same place (sub-pixel),
+  so only the decoder's downscaling differs: with `crop_flip` at 256 px, a mean absolute
+  difference of ~0.2 grey levels at B = 2 * image_size (drafting only photos >= 1024 px on both
+  sides) and ~1-1.5 at B = image_size (which drafts a 1000x750 photo to 500x375, so the smallest
+  crops are upsampled); `bench/decode_bench.py --crops`.
 - `augment_views`: 1 (default) or 2. With 2, every train example also holds `image_aug`, a second
   draw of the same recipe on the same source image from an independent random stream (TCL's
   momentum-teacher view), normalised like `image`. It needs a random `augment` recipe (not
@@ -24,7 +41,12 @@ Train-only fields:
 
 Train order: source -> this process's shard `[process_index::process_count]` -> shuffle -> repeat
 forever -> random maps (caption, then view 2, then view 1) -> tokenise -> (read threads) -> drop
-unreadable examples, counting them -> batch -> normalise. A `Mixture` shards, shuffles and repeats
+unreadable examples, counting them -> batch -> normalise. A webdataset train source of at least
+`process_count` shards is divided by file instead: process p indexes and reads only the shards
+`i % process_count == p` (`files.webdataset`), and its stream takes all of them (no record
+slicing); shard counts that the process count does not divide leave processes with different
+record counts, and since each process repeats its own part forever, records of the smaller parts
+are drawn a little more often (a warning says so). A `Mixture` shards, shuffles and repeats
 each source on its own seed and mixes the infinite streams by weight (Grain's `MapDataset.mix`).
 Grain's `MapDataset.shuffle` uses the seed `seed + epoch` for each epoch of the repeated index
 space and every random map has its own seed and is keyed by the element's position in the repeated
@@ -59,6 +81,9 @@ from vlalign.errors import ConfigError
 
 # Recipes without randomness: two views of one of them would be the same image.
 _DETERMINISTIC_RECIPES = ("none", "resize")
+# Recipes that cut a random resized crop: on files they crop the stored image (`train_decode`).
+CROP_RECIPES = ("crop_flip", "albef", "tcl")
+TRAIN_DECODE_MODES = ("original", "resized")
 
 
 def _field(data_config: Any, name: str, default: Any = None) -> Any:
@@ -73,18 +98,28 @@ SKIPPED_KEY = "data_skipped"
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
+def _whole_size(source: Any) -> int:
+  """The size of the whole split `source` belongs to: its length, times P for a source that
+  holds one process's files of P (`process_split`; exact when the files divide evenly)."""
+  split = getattr(source, "process_split", None)
+  return len(source) * (1 if split is None else split[1])
+
+
 class Mixture:
   """Several train sources drawn in proportion to `weights` (one stream; see `make_train_dataset`).
 
   Attributes:
     sources: the component sources.
-    weights: one positive float per source (default: the sources' sizes, i.e. concatenation).
+    weights: one positive float per source (default: the sources' sizes, i.e. concatenation; a
+      source that holds only this process's files of P processes (`process_split`) counts P
+      times its size, so each process draws its records of every source at one rate).
   """
 
   def __init__(self, sources: list, weights: list[float] | None = None):
     if not sources:
       raise ConfigError("a mixture needs at least one source")
-    weights = [float(len(s)) for s in sources] if weights is None else [float(w) for w in weights]
+    weights = [_whole_size(s) for s in sources] if weights is None else weights
+    weights = [float(w) for w in weights]
     if len(weights) != len(sources) or min(weights) <= 0:
       raise ConfigError(
         f"mixture weights {weights} must be one positive number per source ({len(sources)})"
@@ -116,8 +151,10 @@ def resolve_paths(value: Any, paths: dict, where: str) -> Any:
   return value
 
 
-def _files_source(data_config: Any, split: str) -> Any:
-  """The `data.name = "files"` source of `split` (`data.<split>`: a spec or a mixture)."""
+def _files_source(data_config: Any, split: str, process: tuple[int, int], original: bool) -> Any:
+  """The `data.name = "files"` source of `split` (`data.<split>`: a spec or a mixture) for
+  process `process[0]` of `process[1]`; `original`: examples hold images at their stored
+  resolution (`files.ImageOptions.original`)."""
   from vlalign.data import files  # Imported here: the embedded data needs no file readers.
 
   spec = _field(data_config, split)
@@ -133,23 +170,64 @@ def _files_source(data_config: Any, split: str) -> Any:
     size=int(data_config["image_size"]),
     resize=str(_field(data_config, "resize", "squash")),
     decoder=str(_field(data_config, "decoder", "pil")),
+    original=original,
+    original_min_side=_train_decode(data_config)[1] if original else None,
   )
   if "mixture" not in spec:
-    return files.make_source(spec, options)
+    return files.make_source(spec, options, *process)
   if split != "train":
     raise ConfigError(f"data.{split} is a mixture; only the train split can be one")
   weights = spec.get("weights")
   return Mixture(
-    [files.make_source(s, options) for s in spec["mixture"]], weights and list(weights)
+    [files.make_source(s, options, *process) for s in spec["mixture"]], weights and list(weights)
   )
 
 
-def make_source(data_config: Any, split: str) -> Any:
+def _train_decode(data_config: Any) -> tuple[str, int | None]:
+  """`(data.train_decode, data.train_decode_min_side)`, checked (ConfigError)."""
+  mode = _field(data_config, "train_decode", "original")
+  mode = "original" if mode is None else mode
+  if mode not in TRAIN_DECODE_MODES:
+    raise ConfigError(f"data.train_decode={mode!r} must be one of {TRAIN_DECODE_MODES}")
+  min_side = _field(data_config, "train_decode_min_side")
+  if min_side is not None and (
+    isinstance(min_side, bool) or not isinstance(min_side, int | np.integer) or min_side < 1
+  ):
+    raise ConfigError(f"data.train_decode_min_side={min_side!r} must be None or an integer >= 1")
+  return str(mode), None if min_side is None else int(min_side)
+
+
+def _crops_originals(data_config: Any, augment_name: str | None) -> bool:
+  """Whether train examples hold images at their stored resolution: files, a cropping recipe
+  from `data.augment` and `data.train_decode = "original"`."""
+  mode, _ = _train_decode(data_config)
+  files_data = _field(data_config, "name", "shapes") == "files"
+  return files_data and augment_name in CROP_RECIPES and mode == "original"
+
+
+def make_source(
+  data_config: Any,
+  split: str,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  original_images: bool = False,
+) -> Any:
   """The random-access source of `split` described by `data_config` (a `Mixture` for a mixed
-  train split)."""
+  train split).
+
+  Args:
+    data_config: see the module docstring.
+    split: a split name (`data.<split>` for files).
+    process_index, process_count: given (both) for one process's train stream: a file source
+      that divides by file among processes (webdataset) then holds only this process's part
+      (its `process_split`). None: the whole split.
+    original_images: file examples hold their images at stored resolution (train crops).
+  """
   name = _field(data_config, "name", "shapes")
   if name == "files":
-    return _files_source(data_config, split)
+    process = (0, 1) if process_count is None else (int(process_index or 0), int(process_count))
+    return _files_source(data_config, split, process, original_images)
   if name != "shapes":
     raise ConfigError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
   return shapes.ShapesSource(
@@ -171,10 +249,30 @@ def _captions_of(source: Any, index: int) -> tuple[str, ...]:
   return tuple(captions_of(index)) if captions_of else tuple(source[index]["captions"])
 
 
-def check_train_split(data_config: Any, global_batch_size: int, process_count: int) -> None:
-  """ConfigError when a process's shard of the train split cannot fill its batch."""
-  size = split_size(data_config, "train")
-  local_batch, shard = global_batch_size // process_count, size // process_count
+def _process_size(part: Any, process_index: int, process_count: int) -> int:
+  """Examples of `part` in process `process_index`'s stream; a part sliced by record gets the
+  smallest share of any process (`len // process_count`), so every process decides alike."""
+  if getattr(part, "process_split", None) is not None:
+    return len(part)
+  return len(part) // process_count
+
+
+def check_train_split(
+  data_config: Any, global_batch_size: int, process_count: int, process_index: int | None = None
+) -> None:
+  """ConfigError when a process's shard of the train split cannot fill its batch (also checks
+  `data.train_decode*`). Builds the train source as process `process_index` (default
+  `jax.process_index()`) does, so a webdataset divided by file indexes only its shards."""
+  _train_decode(data_config)
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  source = make_source(
+    data_config, "train", process_index=process_index, process_count=process_count
+  )
+  parts = source.sources if isinstance(source, Mixture) else [source]
+  shard = sum(_process_size(part, process_index, process_count) for part in parts)
+  local_batch = global_batch_size // process_count
+  by_file = any(getattr(part, "process_split", None) is not None for part in parts)
+  size = f"{len(source)} examples in this process's files" if by_file else str(len(source))
   if local_batch > shard:
     raise ConfigError(
       f"the per-process batch {local_batch} is larger than the {shard} train examples of a "
@@ -215,8 +313,14 @@ def truncated_fraction(
   data_config: Any, tokenizer: Any, split: str = "train", sample: int = 256
 ) -> tuple[float, int]:
   """`(fraction, longest)`: the fraction of the captions of the first `sample` examples of `split`
-  that `data.max_len` cuts, and the longest one's length in tokens ([CLS] and [EOS] included)."""
-  source = make_source(data_config, split)
+  that `data.max_len` cuts, and the longest one's length in tokens ([CLS] and [EOS] included).
+  The train split is built as this process's stream builds it (a webdataset divided by file:
+  this process's shards only)."""
+  if split == "train":
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  else:
+    process = {}
+  source = make_source(data_config, split, **process)
   source = source.sources[0] if isinstance(source, Mixture) else source
   captions = [c for i in range(min(sample, len(source))) for c in _captions_of(source, i)]
   captions = captions or [""]
@@ -338,7 +442,8 @@ def make_train_dataset(
     process_count: number of processes; defaults to `jax.process_count()`.
     augment_fn: optional `(image uint8 [H, W, 3], rng) -> uint8 [H, W, 3]`, applied before
       normalisation (to both views with `augment_views = 2`). None builds it from
-      `data_config.augment` (no augmentation when that is absent); a function overrides it.
+      `data_config.augment` (no augmentation when that is absent); a function overrides it and
+      always gets the image resized to `image_size` (`train_decode` applies to recipes only).
   """
   augment_fn, augment_name = _resolve_augment(data_config, augment_fn)
   num_views = _num_views(data_config, augment_name)
@@ -351,15 +456,22 @@ def make_train_dataset(
       f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
     )
   local_batch = global_batch_size // process_count
-  ds = _train_examples(
-    make_source(data_config, "train"), seed, process_index, process_count, local_batch
+  original = _crops_originals(data_config, augment_name)
+  source = make_source(
+    data_config,
+    "train",
+    process_index=process_index,
+    process_count=process_count,
+    original_images=original,
   )
+  ds = _train_examples(source, seed, process_index, process_count, local_batch)
   ds = ds.random_map(T.PickCaption(), seed=_stream_seed(seed, 1))
+  size = int(data_config["image_size"])
   if num_views == 2:  # Reads the raw `image`, so before view 1 replaces it.
-    second_view = T.AugmentImage(augment_fn, output_key=T.SECOND_VIEW_KEY)
+    second_view = _view_map(augment_fn, original, size, T.SECOND_VIEW_KEY)
     ds = ds.random_map(second_view, seed=_stream_seed(seed, 3))
   if augment_fn is not None:
-    ds = ds.random_map(T.AugmentImage(augment_fn), seed=_stream_seed(seed, 2))
+    ds = ds.random_map(_view_map(augment_fn, original, size), seed=_stream_seed(seed, 2))
   ds = ds.map(T.TokenizeCaption(tokenizer, int(data_config["max_len"])))
   keys = _keys_for_views(num_views)
   ds = ds.map(T.ToTrainFeatures(keys))
@@ -373,14 +485,71 @@ def make_train_dataset(
   return batches.map(T.NormalizeImage(keys[:num_views]))
 
 
+class CropOriginal(grain.transforms.RandomMap):
+  """Sets `output_key` to `augment_fn(image uint8 [h, w, 3], rng) -> uint8 [S, S, 3]` where
+  `image` is the source image at its stored resolution (any size) and `augment_fn` a recipe that
+  crops it and resizes the crop to S. For an image decoded at a reduced scale (the example's
+  `source_scale` < 1, a JPEG draft) the call also passes `source_size=(H, W)` and `source_scale`,
+  so the recipe draws the box on the stored size (`vlalign.data.augment`). An example flagged
+  unreadable (`valid == 0`) keeps its black `[S, S, 3]` placeholder, for `DropInvalid` to drop.
+  """
+
+  def __init__(self, augment_fn: T.AugmentFn, size: int, output_key: str = "image"):
+    self.augment_fn = augment_fn
+    self.size = int(size)
+    self.output_key = output_key
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    source = element["image"]
+    if not element.get("valid", 1):
+      return {**element, self.output_key: source}
+    scale = float(element.get("source_scale", 1.0))
+    if scale == 1.0:
+      image = self.augment_fn(source, rng)
+    else:
+      size = tuple(int(v) for v in element["source_size"])
+      image = self.augment_fn(source, rng, source_size=size, source_scale=scale)
+    want = (self.size, self.size, 3)
+    if image.dtype != np.uint8 or image.shape != want:
+      raise ValueError(
+        f"augment_fn must return uint8 {want} (the data image size), got {image.dtype} "
+        f"{image.shape}"
+      )
+    return {**element, self.output_key: image}
+
+
+def _view_map(
+  augment_fn: T.AugmentFn, original: bool, size: int, output_key: str = "image"
+) -> grain.transforms.RandomMap:
+  """The random map that draws one augmented view: from the stored image (`CropOriginal`) or
+  from the image already resized to `size` (`transforms.AugmentImage`)."""
+  if original:
+    return CropOriginal(augment_fn, size, output_key)
+  return T.AugmentImage(augment_fn, output_key=output_key)
+
+
+def _process_part(part: Any, process_index: int, process_count: int) -> grain.MapDataset:
+  """Process `process_index`'s examples of `part`: all of them for a part that holds only this
+  process's files (`process_split`), else the slice `[process_index::process_count]`."""
+  split = getattr(part, "process_split", None)
+  if split is None:
+    return grain.MapDataset.source(part)[process_index::process_count]
+  if tuple(split) != (process_index, process_count):
+    raise ValueError(
+      f"{part!r} holds the part of process {split[0]} of {split[1]}, not of process "
+      f"{process_index} of {process_count}"
+    )
+  return grain.MapDataset.source(part)
+
+
 def _train_examples(
   source: Any, seed: int, process_index: int, process_count: int, local_batch: int
 ) -> grain.MapDataset:
-  """This process's infinite stream of `source`: its shard `[process_index::process_count]`,
-  shuffled anew each epoch. A `Mixture`'s sources are each sharded, shuffled and repeated on their
-  own seed, then mixed by weight."""
+  """This process's infinite stream of `source`: its shard `[process_index::process_count]` (or,
+  for a source divided by file, all of its examples), shuffled anew each epoch. A `Mixture`'s
+  sources are each sharded, shuffled and repeated on their own seed, then mixed by weight."""
   sources = source.sources if isinstance(source, Mixture) else [source]
-  shards = [grain.MapDataset.source(part)[process_index::process_count] for part in sources]
+  shards = [_process_part(part, process_index, process_count) for part in sources]
   for part, shard in zip(sources, shards):
     if len(shard) == 0:
       raise ConfigError(
