@@ -257,6 +257,7 @@ def _fake_pipeline(monkeypatch):
     make_eval_data=make_eval_data,
     make_zeroshot_data=make_zeroshot_data,
     split_size=lambda config, split: 10,  # enough images for R@10 (checked by the builders)
+    eval_text_len=lambda config: config["max_len"],
   )
   monkeypatch.setitem(sys.modules, "vlalign.data.pipeline", fake)
   monkeypatch.setattr(vlalign.data, "pipeline", fake, raising=False)
@@ -309,3 +310,57 @@ def test_build_evaluators_errors(monkeypatch):
     _build({"z": {"type": "zeroshot", "split": "test"}})
   with pytest.raises(ValueError, match=r"unknown fields \['evry_steps'\]"):
     _build({"v": {"type": "retrieval", "split": "val", "evry_steps": 5}})
+
+
+class _CountingRows:
+  """A lazy row source (as `pipeline.ImageRows`): `rows[idx]` is `values[idx]`, recorded."""
+
+  def __init__(self, values):
+    self.values, self.num_images, self.asked = values, len(values), []
+
+  def __len__(self):
+    return self.num_images
+
+  def __getitem__(self, rows):
+    self.asked.append(np.asarray(rows).tolist())
+    return self.values[rows]
+
+
+def test_embed_in_batches_loads_only_the_rows_of_this_process():
+  """With `process_rows` (as `sharding.host_fn` gives) telling that this process holds half of
+  each batch, only those rows are taken, once each, and passed as `ProcessRows`."""
+  from vlalign.sharding import ProcessRows
+
+  values = np.arange(10, dtype=np.float32)[:, None]
+  rows = _CountingRows(values)
+  passed = []
+
+  def encode(params, batch):
+    passed.append(batch)
+    return np.zeros((4, 1), np.float32)  # a host_fn gathers every process's rows
+
+  encode.process_rows = lambda n: np.arange(n // 2, n)  # the second half of each batch
+  out = retrieval.embed_in_batches(encode, None, (rows,), batch_size=4)
+  assert out.shape == (10, 1)
+  assert all(isinstance(b, ProcessRows) and b.num_rows == 4 for b in passed)
+  # Batches [0..3], [4..7], [8, 9, 9, 9] (padded with the last row): positions 2 and 3 of each.
+  assert rows.asked == [[2, 3], [6, 7], [9]]
+  assert [b.local[:, 0].tolist() for b in passed] == [[2, 3], [6, 7], [9, 9]]
+  encode.process_rows = np.arange  # this process holds every row: plain arrays, as before
+  passed.clear()
+  retrieval.embed_in_batches(encode, None, (values,), batch_size=4)
+  assert all(isinstance(b, np.ndarray) and len(b) == 4 for b in passed)
+
+
+def test_embed_in_batches_of_chosen_rows_and_lazy_rows_equal_arrays():
+  values = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+  rows = _CountingRows(values)
+  encode = lambda p, x: x * p  # noqa: E731
+  whole = retrieval.embed_in_batches(encode, 2.0, (values,), batch_size=4)
+  np.testing.assert_array_equal(retrieval.embed_in_batches(encode, 2.0, (rows,), 4), whole)
+  assert rows.asked == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # the padding is not decoded again
+  some = retrieval.embed_in_batches(encode, 2.0, (rows,), 4, rows=np.array([7, 1, 5]))
+  np.testing.assert_array_equal(some, whole[[7, 1, 5]])
+  with pytest.raises(ValueError, match="at least one row"):
+    retrieval.embed_in_batches(encode, 2.0, (values,), 4, rows=np.array([], np.int64))
+  assert retrieval.unreadable_images(values).tolist() == []  # an in-memory array reads whole

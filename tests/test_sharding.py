@@ -45,3 +45,20 @@ def test_check_batch_size_names_the_devices():
   sharding.check_batch_size(16, mesh)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     sharding.check_batch_size(12, mesh)
+
+
+def test_host_fn_takes_process_rows_and_tells_them():
+  """One process holds every row; a `ProcessRows` of all of them is the plain array's call."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 16), np.arange(16))
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 6), np.arange(6))  # replicated
+  call = sharding.host_fn(lambda p, x, y: x * p + y.sum(), mesh)
+  np.testing.assert_array_equal(call.process_rows(16), np.arange(16))
+  x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+  y = np.arange(5.0, dtype=np.float32)  # 5 rows: replicated
+  want = call(2.0, x, y)
+  np.testing.assert_array_equal(call(2.0, sharding.ProcessRows(x, 16), y), want)
+  with pytest.raises(ValueError, match="not a multiple of 8"):
+    call(2.0, sharding.ProcessRows(x[:6], 6), y)
+  assert sharding.union_over_processes([5, 1, 5, 3]).tolist() == [1, 3, 5]
+  assert sharding.union_over_processes([]).tolist() == []

@@ -6,11 +6,13 @@ least `min_size` elements is split along its largest dimension that the 'fsdp' a
 other array is replicated.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,20 +90,80 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     )
 
 
+def process_rows(mesh: Mesh, num_rows: int) -> np.ndarray:
+  """The rows of a `[num_rows, ...]` array that this process's devices hold.
+
+  For an array split by `batch_sharding(mesh)` these are the addressable devices' slices, in
+  order; for `num_rows` not a multiple of `num_batch_shards(mesh)` (an array `host_fn` replicates)
+  every row. One process: every row.
+
+  Returns:
+    `[n_local]` int64 sorted row indices (`np.arange(num_rows)` when this process holds all rows).
+  """
+  if jax.process_count() == 1 or num_rows % num_batch_shards(mesh):
+    return np.arange(num_rows)
+  held = np.zeros(num_rows, bool)
+  for index in batch_sharding(mesh).addressable_devices_indices_map((num_rows,)).values():
+    held[index[0]] = True
+  return np.flatnonzero(held)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+  """This process's part of a `[num_rows, ...]` host batch for `host_fn`: `local` holds the rows
+  `process_rows(mesh, num_rows)`, in that order; the other processes give theirs."""
+
+  local: np.ndarray
+  num_rows: int
+
+
 def host_fn(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   """`fn(params, *arrays)` jitted on `mesh` for host callers: numpy in, numpy (pytrees) out.
 
   Array arguments are split over the devices along their leading axis when it divides the
-  device count (else replicated); outputs come back replicated, then to the host.
+  device count (else replicated); outputs come back replicated, then to every host. A numpy
+  argument is the whole array, the same on every process; a `ProcessRows` argument holds only this
+  process's rows of a batch split over the devices (each process gives its own; the global array
+  is built with `jax.make_array_from_process_local_data`), so a caller that loads the batch
+  itself (images decoded from files) loads only the rows its devices hold. The returned function
+  has `process_rows(num_rows)` (`process_rows` on `mesh`): which rows those are.
   """
   jitted = jax.jit(fn, out_shardings=replicated(mesh))
   shards = num_batch_shards(mesh)
 
-  def put(x: np.ndarray) -> jax.Array:
+  def put(x: Any) -> jax.Array:
+    if isinstance(x, ProcessRows):
+      local = np.asarray(x.local)
+      if x.num_rows % shards:
+        raise ValueError(f"ProcessRows of {x.num_rows} rows: not a multiple of {shards} devices")
+      global_shape = (x.num_rows, *local.shape[1:])
+      return jax.make_array_from_process_local_data(batch_sharding(mesh), local, global_shape)
+    x = np.asarray(x)
     target = batch_sharding(mesh) if len(x) % shards == 0 else replicated(mesh)
     return jax.device_put(x, target)
 
-  def call(params: Any, *arrays: np.ndarray) -> Any:
-    return jax.device_get(jitted(params, *(put(np.asarray(a)) for a in arrays)))
+  def call(params: Any, *arrays: Any) -> Any:
+    return jax.device_get(jitted(params, *(put(a) for a in arrays)))
 
+  call.process_rows = lambda num_rows: process_rows(mesh, num_rows)
   return call
+
+
+def union_over_processes(indices: Any) -> np.ndarray:
+  """The sorted union of every process's `indices` (int, possibly of different lengths); every
+  process must call it. One process: `np.unique(indices)`, no communication.
+
+  Args:
+    indices: `[n_p]` non-negative ints of this process.
+
+  Returns:
+    `[n]` int64 sorted unique indices, the same on every process.
+  """
+  indices = np.unique(np.asarray(indices, np.int64).reshape(-1))
+  if jax.process_count() == 1:
+    return indices
+  counts = multihost_utils.process_allgather(np.int32(len(indices)))
+  padded = np.full(max(int(np.max(counts)), 1), -1, np.int32)  # Row indices fit in int32.
+  padded[: len(indices)] = indices
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, max count]
+  return np.unique(gathered[gathered >= 0]).astype(np.int64)

@@ -62,7 +62,9 @@ far), which the trainer logs as `data/skipped` and keeps out of the step.
 
 Evaluation: `make_eval_data` of a file split tokenises the captions (any number per image) up
 front and decodes images batch by batch (`ImageRows`), so host memory holds one batch of pixels
-and the `[N, E]` embeddings, whatever the split's size.
+and the `[N, E]` embeddings, whatever the split's size. On several processes each process decodes
+only the rows of each batch that its devices hold (`vlalign.evaluation.retrieval.embed_in_batches`
+with `sharding.host_fn` functions); captions and embeddings are whole on every process.
 """
 
 import re
@@ -609,26 +611,40 @@ class DropInvalid(grain.IterDataset):
 class ImageRows:
   """Images of a source decoded on demand: `rows[idx]` is float32 `[len(idx), S, S, 3]`
   (normalised), decoded by a thread pool, so an evaluation holds one batch of pixels at a time
-  whatever the split's size.
+  whatever the split's size. On several processes each decodes only the rows its devices hold
+  (`vlalign.evaluation.retrieval.embed_in_batches`).
 
   Args:
-    load: `index -> uint8 [S, S, 3]`.
+    load: `index -> uint8 [S, S, 3]`; a `BlackIfUnreadable` also tells which images it could not
+      read (`unreadable`).
     num_images: N.
     num_threads: decoding threads (0 = decode in the calling thread).
+
+  Attributes:
+    decoded: images decoded so far by this process (each row asked for counts once).
   """
 
   def __init__(self, load: Any, num_images: int, num_threads: int = 8):
     self._load = load
     self.num_images = int(num_images)
     self._pool = ThreadPoolExecutor(num_threads) if num_threads > 0 else None
+    self.decoded = 0
 
   def __len__(self) -> int:
     return self.num_images
 
+  @property
+  def unreadable(self) -> set[int]:
+    """Indices of the images this process could not read so far (black images; `load.skipped`),
+    empty for a `load` that does not tell."""
+    return set(getattr(self._load, "skipped", ()))
+
   def __getitem__(self, rows: Any) -> np.ndarray:
     rows = [int(i) for i in np.asarray(rows).reshape(-1)]
     decoded = self._pool.map(self._load, rows) if self._pool else map(self._load, rows)
-    return T.normalize_image(np.stack(list(decoded)))
+    images = T.normalize_image(np.stack(list(decoded)))
+    self.decoded += len(rows)
+    return images
 
 
 def _examples(source: shapes.ShapesSource) -> list[dict]:
@@ -678,7 +694,9 @@ class BlackIfUnreadable:
   """`index -> uint8 [S, S, 3]` by `load(index)`; an image that cannot be read is black, its
   index kept in `skipped` and the first ten logged (an evaluation protocol keeps every image of
   its split; callers decide what a black image counts for). Thread-safe (`ImageRows` decodes in a
-  pool).
+  pool). `skipped` holds what this process read: on several processes each decodes only its rows
+  of every batch, so a count over the split merges the processes' sets
+  (`sharding.union_over_processes`; the evaluators do).
 
   Args:
     load: `index -> uint8 [S, S, 3]`; raises OSError or ValueError (`UnreadableImageError`).

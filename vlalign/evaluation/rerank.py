@@ -54,6 +54,7 @@ from vlalign.evaluation.retrieval import (
   RetrievalEvaluator,
   checked_split,
   embed_in_batches,
+  log_unreadable,
   retrieval_metrics,
 )
 
@@ -98,6 +99,7 @@ def embed_with_tokens(
     token_shape[:] = tokens.shape[1:]
     return np.concatenate([emb, tokens.reshape(len(tokens), -1)], axis=1)
 
+  flat_fn.process_rows = getattr(encode_fn, "process_rows", None)  # Same rows as encode_fn.
   flat = embed_in_batches(flat_fn, params, arrays, batch_size)  # [N, E + T * D]
   embed_dim = flat.shape[1] - math.prod(token_shape)
   return flat[:, :embed_dim], flat[:, embed_dim:].reshape(len(flat), *token_shape)
@@ -257,7 +259,9 @@ class RerankRetrievalEvaluator(RetrievalEvaluator):
 
   `run(params)` returns the ITC metrics (`itc_i2t_r1`, ..., `itc_rsum`) and the re-ranked ones
   (`i2t_r1`, ..., `rsum`) from one encoding of the split. Runs on every process with the same
-  host data; all model functions take and return host numpy (or global) arrays.
+  host data; all model functions take and return host numpy (or global) arrays. Images are
+  decoded and encoded as `RetrievalEvaluator`'s (each process decodes the rows its devices hold);
+  the tokens of the whole split and the ITM passes are on every process.
   """
 
   def __init__(
@@ -297,8 +301,10 @@ class RerankRetrievalEvaluator(RetrievalEvaluator):
     self._itm_score = itm_score_fn
 
   def encode_images(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
-    """`(emb [N_img, E], tokens [N_img, T, Di])`."""
-    return embed_with_tokens(self._encode_image, params, (self.images,), self.batch_size)
+    """`(emb [N_img, E], tokens [N_img, T, Di])` (unreadable images are black ones)."""
+    out = embed_with_tokens(self._encode_image, params, (self.images,), self.batch_size)
+    log_unreadable(self.name, self.images)
+    return out
 
   def encode_texts(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
     """`(emb [N_txt, E], tokens [N_txt, L, Dt])`."""

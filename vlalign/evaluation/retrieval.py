@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from vlalign.errors import ConfigError
 from vlalign.evaluation.common import (
@@ -35,6 +36,7 @@ from vlalign.evaluation.common import (
   check_keys,
   check_recall_candidates,
 )
+from vlalign.sharding import ProcessRows, union_over_processes
 
 TIE_RULES = ("optimistic", "pessimistic")
 DEFAULT_KS = (1, 5, 10)
@@ -162,15 +164,31 @@ def as_rows(array: Any) -> Any:
   return array if hasattr(array, "num_images") else np.asarray(array)
 
 
-def _padded(batch: np.ndarray, size: int) -> np.ndarray:
-  """`batch` `[b, ...]` padded to `[size, ...]` by repeating its last row."""
-  if len(batch) == size:
-    return batch
-  return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+def _take(array: Any, rows: np.ndarray) -> np.ndarray:
+  """`array[rows]`; a source that decodes rows on demand decodes each distinct row once."""
+  if not hasattr(array, "num_images"):
+    return array[rows]
+  distinct, inverse = np.unique(rows, return_inverse=True)
+  return array[distinct][inverse.reshape(-1)]
+
+
+def _positions_of_this_process(encode_fn: Callable[..., Any], batch_size: int) -> Any:
+  """The positions of a `[batch_size, ...]` batch this process loads for `encode_fn`: those its
+  devices hold, for a function that tells them (`process_rows`, as `sharding.host_fn` gives),
+  or None for the whole batch (one process, or a plain function)."""
+  process_rows = getattr(encode_fn, "process_rows", None)
+  if process_rows is None:
+    return None
+  positions = np.asarray(process_rows(batch_size), np.int64)
+  return None if len(positions) == batch_size else positions
 
 
 def embed_in_batches(
-  encode_fn: Callable[..., Any], params: Any, arrays: Sequence[np.ndarray], batch_size: int
+  encode_fn: Callable[..., Any],
+  params: Any,
+  arrays: Sequence[np.ndarray],
+  batch_size: int,
+  rows: Any = None,
 ) -> np.ndarray:
   """Runs `encode_fn(params, *batch)` over fixed-size batches of `arrays`; returns `[N, E]` float32.
 
@@ -178,29 +196,66 @@ def embed_in_batches(
   dropped, so `encode_fn` always sees the same shapes (one compilation). Inputs are host numpy
   batches; outputs (host numpy or possibly sharded global arrays) are brought back to the host.
 
+  Several processes: when `encode_fn` has `process_rows(batch_size)` (`sharding.host_fn`) and the
+  batch is split over the devices of several processes, each process takes (decodes, for an
+  `ImageRows`) only the rows of each batch that its devices hold and passes them as
+  `sharding.ProcessRows`; the outputs, and so the result, are still the whole `[N, E]` on every
+  process. Every process must call this with the same arguments (the batches are global).
+
   Args:
     encode_fn: `(params, *[batch_size, ...] arrays) -> [batch_size, E]`.
     params: passed through to `encode_fn` untouched.
-    arrays: arrays with the same leading size `N >= 1`, e.g. `(images,)` or `(ids, mask)`; an
+    arrays: arrays with the same leading size `M >= 1`, e.g. `(images,)` or `(ids, mask)`; an
       `ImageRows` decodes only the rows of each batch (bounded host memory).
     batch_size: rows per call.
+    rows: `[N]` int indices of the rows of `arrays` to embed, in order; None: all `M` rows.
   """
   arrays = [as_rows(a) for a in arrays]
-  n = len(arrays[0])
-  if n == 0 or any(len(a) != n for a in arrays):
+  size = len(arrays[0])
+  if size == 0 or any(len(a) != size for a in arrays):
     raise ValueError(f"need arrays of one non-zero length; got {[len(a) for a in arrays]}")
+  rows = np.arange(size) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+  n = len(rows)
+  if n == 0:
+    raise ValueError("need at least one row to embed")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}")
+  local = _positions_of_this_process(encode_fn, batch_size)
   outputs = []
   for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
-    out = np.asarray(
-      jax.device_get(encode_fn(params, *(_padded(a[rows], batch_size) for a in arrays)))
-    )
+    batch_rows = rows[np.minimum(np.arange(start, start + batch_size), n - 1)]  # last one repeated
+    if local is None:
+      batch = [_take(a, batch_rows) for a in arrays]
+    else:
+      batch = [ProcessRows(_take(a, batch_rows[local]), batch_size) for a in arrays]
+    out = np.asarray(jax.device_get(encode_fn(params, *batch)))
     if out.ndim != 2 or len(out) != batch_size:
       raise ValueError(f"encode_fn returned shape {out.shape}; expected [{batch_size}, E]")
     outputs.append(out[: min(batch_size, n - start)])
   return np.concatenate(outputs).astype(np.float32)
+
+
+def unreadable_images(images: Any) -> np.ndarray:
+  """The indices of the images that could not be read so far, over every process (each decodes
+  only its rows): `images.unreadable` (`pipeline.ImageRows`), `[]` for an in-memory array.
+  Every process must call it (a collective when there are several)."""
+  if not hasattr(images, "unreadable"):
+    return np.zeros(0, np.int64)  # The same on every process: no collective needed.
+  return union_over_processes(sorted(images.unreadable))
+
+
+def log_unreadable(name: str, images: Any) -> None:
+  """Logs how many images of an evaluator's split were unreadable (embedded as black images)."""
+  skipped = unreadable_images(images)
+  if len(skipped):
+    logging.warning(
+      "evaluator %s: %d of %d images could not be read and were embedded as black images "
+      "(first: %s)",
+      name,
+      len(skipped),
+      len(images),
+      skipped[:10].tolist(),
+    )
 
 
 def _check_caption_maps(txt2img: np.ndarray, img2txt: np.ndarray, num_images: int) -> None:
@@ -221,6 +276,9 @@ class RetrievalEvaluator:
   """Image-text retrieval on a fixed eval split (see the module docstring for the metrics).
 
   Runs on every process with the same host data; the encode functions take host numpy batches.
+  With `sharding.host_fn` encode functions on several processes, each process decodes only the
+  images its devices hold (`embed_in_batches`); every process gets the whole embeddings and
+  computes the same metrics.
   """
 
   def __init__(
@@ -268,8 +326,10 @@ class RetrievalEvaluator:
     _check_caption_maps(self.txt2img, self.img2txt, len(self.images))
 
   def embed_images(self, params: Any) -> np.ndarray:
-    """`[N_img, E]` image embeddings."""
-    return embed_in_batches(self._encode_image, params, (self.images,), self.batch_size)
+    """`[N_img, E]` image embeddings (unreadable images of a file split are black ones)."""
+    images = embed_in_batches(self._encode_image, params, (self.images,), self.batch_size)
+    log_unreadable(self.name, self.images)
+    return images
 
   def embed_texts(self, params: Any) -> np.ndarray:
     """`[N_txt, E]` caption embeddings."""

@@ -25,6 +25,7 @@ import numpy as np
 from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
 from vlalign.evaluation.retrieval import embed_in_batches
+from vlalign.sharding import union_over_processes
 
 # Prompts tokenised and encoded at once, in batches: bounds the host memory of the text side.
 _PROMPT_CHUNK_BATCHES = 16
@@ -195,6 +196,10 @@ class StreamingZeroShotEvaluator:
   reading them) do not stop the run: they are fed to the encoder as black images to keep the batch
   shape, then DROPPED from the metrics, which are over the readable images only; their number is
   the `skipped_images` metric (and the first few are logged as warnings).
+
+  Several processes (`sharding.host_fn` encode functions): each process decodes only the images
+  its devices hold (`embed_in_batches`), every process gets every image's scores, and the
+  unreadable images are merged over the processes, so every process returns the same metrics.
   """
 
   def __init__(
@@ -262,22 +267,23 @@ class StreamingZeroShotEvaluator:
     del step  # Writes no files named by the step.
     class_emb = _class_embeddings_of(self, params)
     num_images = len(self.rows)
-    skipped = self._images.skipped
-    skipped.clear()
+    self._images.skipped.clear()
     ranks = np.zeros(num_images, np.int64)
-    finite = True
+    finite = np.ones(num_images, bool)  # whether each image's scores are finite
     for start in range(0, num_images, self.batch_size):
       rows = np.arange(start, min(start + self.batch_size, num_images))
-      image_emb = embed_in_batches(self._encode_image, params, (self.rows[rows],), self.batch_size)
+      image_emb = embed_in_batches(
+        self._encode_image, params, (self.rows,), self.batch_size, rows=rows
+      )
       logits = image_emb @ class_emb.T  # [b, C]
-      readable = ~np.isin(rows, list(skipped))
-      finite = finite and bool(np.all(np.isfinite(logits[readable])))
+      finite[rows] = np.all(np.isfinite(logits), axis=1)
       ranks[rows] = label_ranks(logits, self.source.labels(rows))
+    skipped = union_over_processes(sorted(self._images.skipped))  # Each decoded its own rows.
     readable = np.ones(num_images, bool)
-    readable[list(skipped)] = False
-    return accuracy_metrics(ranks[readable], len(self.class_names), finite) | {
-      "skipped_images": float(num_images - readable.sum())
-    }
+    readable[skipped] = False
+    return accuracy_metrics(
+      ranks[readable], len(self.class_names), bool(np.all(finite[readable]))
+    ) | {"skipped_images": float(len(skipped))}
 
 
 def _class_embeddings_of(evaluator: Any, params: Any) -> np.ndarray:
