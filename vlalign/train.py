@@ -14,6 +14,8 @@ not find that accelerator (requirements.txt installs the CPU jaxlib; see require
 requirements-tpu.txt) instead of training on the host. The progress line and metrics.jsonl report
 `perf/tflops_per_device` and `perf/mfu` against the device's bf16 peak (vlalign/perf.py; override
 with --peak_tflops_per_device). --compilation_cache_dir keeps compiled steps across restarts.
+--profile_steps=10,15 writes a jax.profiler trace of steps 10 to 15 into <workdir>/profile/
+(`tensorboard --logdir=<workdir>/profile` with the profile plugin, or XProf).
 """
 
 from absl import flags, logging
@@ -54,6 +56,13 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   "Peak TFLOP/s of one device for perf/mfu (default: the bf16 figure of known accelerators, a "
   "measured matmul on a CPU).",
 )
+_PROFILE_STEPS = flags.DEFINE_string(
+  "profile_steps",
+  None,
+  "FIRST,LAST (or N): write a jax.profiler trace of train steps FIRST..LAST (1-based, inclusive) "
+  "into <workdir>/profile/, for TensorBoard's profile plugin or XProf; skip the first few steps. "
+  "A profiler failure is a warning, never the end of the run.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -78,6 +87,7 @@ def main(argv):
   initialize_distributed()
   from vlalign import perf, trainer
 
+  profile_steps = trainer.parse_profile_steps(_PROFILE_STEPS.value)
   logging.info(perf.describe_devices())
   perf.check_platform(_PLATFORM.value)
   if _DRY_RUN.value:
@@ -92,7 +102,9 @@ def main(argv):
     if flops is not None:
       print(f"train step: {flops / 1e9:.4g} GFLOP per device")
     return
-  trainer.train_and_evaluate(config, _WORKDIR.value, _OVERRIDE.value, _PEAK_TFLOPS.value)
+  trainer.train_and_evaluate(
+    config, _WORKDIR.value, _OVERRIDE.value, _PEAK_TFLOPS.value, profile_steps=profile_steps
+  )
 
 
 if __name__ == "__main__":

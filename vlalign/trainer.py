@@ -320,6 +320,81 @@ def run_evaluators(evaluators: dict, params, step: int, final: bool) -> dict[str
   return out
 
 
+PROFILE_DIR = "profile"
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+  """`"FIRST,LAST"` (or `"N"`: one step) -> `(FIRST, LAST)`, 1-based train steps as logged,
+  `1 <= FIRST <= LAST`; None or "" -> None. UserError on anything else."""
+  if not text:
+    return None
+  try:
+    parts = [int(p) for p in text.split(",")]
+  except ValueError:
+    parts = []
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+    raise UserError(
+      f"--profile_steps={text!r}: give FIRST,LAST with 1 <= FIRST <= LAST, e.g. 10,15"
+    )
+  return parts[0], parts[1]
+
+
+class StepProfiler:
+  """Traces train steps `first..last` (1-based as logged, inclusive; with the input batch each
+  one fetches) with `jax.profiler` into `directory`, one `StepTraceAnnotation` per step, for
+  TensorBoard's profile plugin or XProf (`<directory>/plugins/profile/<run>/<host>.xplane.pb`).
+  Profiling never stops a run: a trace that fails to start or stop is a logged warning and no
+  more profiling. The loop calls `begin(step)` before fetching the batch of `step` and
+  `end(step, outputs)` after dispatching it; `close()` stops a trace cut short."""
+
+  def __init__(self, steps: tuple[int, int] | None, directory: Any):
+    self.first, self.last = steps or (1, 0)
+    self.directory = str(directory)
+    self.done = steps is None
+    self.tracing = False
+    self._annotation = None
+
+  def begin(self, step: int) -> None:
+    if self.done or not self.first <= step <= self.last:
+      return
+    if not self.tracing:
+      try:
+        jax.profiler.start_trace(self.directory)
+      except Exception as e:  # noqa: BLE001 - a profiler problem must not end the run.
+        logging.warning("profiling off: could not start the trace in %s: %s", self.directory, e)
+        self.done = True
+        return
+      self.tracing = True
+      logging.info("profiling steps %d-%d into %s", step, self.last, self.directory)
+    self._annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
+    self._annotation.__enter__()
+
+  def end(self, step: int, outputs: Any) -> None:
+    if self._annotation is not None:
+      self._annotation.__exit__(None, None, None)
+      self._annotation = None
+    if self.tracing and step >= self.last:
+      jax.block_until_ready(outputs)  # The trace holds the whole of the last step.
+      self.close()
+
+  def close(self) -> None:
+    if self._annotation is not None:
+      self._annotation.__exit__(None, None, None)
+      self._annotation = None
+    if not self.tracing:
+      return
+    self.tracing, self.done = False, True
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # noqa: BLE001 - a profiler problem must not end the run.
+      logging.warning("profiling: could not write the trace to %s: %s", self.directory, e)
+      return
+    logging.info("wrote the profile to %s (tensorboard --logdir=%s)", self.directory,
+                 self.directory)  # fmt: skip
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -498,6 +573,7 @@ def train_and_evaluate(
   workdir: str,
   override_tag: str | None = None,
   peak_tflops: float | None = None,
+  profile_steps: tuple[int, int] | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint) and evaluates at
   the end. Returns the final metrics (last logged train metrics and final eval metrics).
@@ -506,6 +582,7 @@ def train_and_evaluate(
   what the run computes is a WorkdirError naming the fields, unless `override_tag` is given; then
   results go to files tagged with it and the checkpoints present at the start are never deleted.
   `peak_tflops` (per device) replaces the device's known peak in the MFU (`vlalign.perf`).
+  `profile_steps` `(first, last)` traces those steps into `<workdir>/profile/` (`StepProfiler`).
   """
   workdir = workdir_lib.as_path(workdir)
   tag = workdir_lib.check_tag(override_tag)
@@ -515,10 +592,12 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     workdir_lib.check_writable(workdir)
   with workdir_lock(workdir):
-    return _train_locked(setup, workdir, tag, peak_tflops)
+    return _train_locked(setup, workdir, tag, peak_tflops, profile_steps)
 
 
-def _train_locked(setup: Setup, workdir, tag: str, peak_tflops=None) -> dict[str, float]:
+def _train_locked(
+  setup: Setup, workdir, tag: str, peak_tflops=None, profile_steps=None
+) -> dict[str, float]:
   config = setup.config
   workdir_lib.check_config_matches(workdir, config, tag, workdir_lib.OPERATIONAL_FIELDS, "train on")
   data_iter = iter(
@@ -545,11 +624,12 @@ def _train_locked(setup: Setup, workdir, tag: str, peak_tflops=None) -> dict[str
   if step >= total:
     ckpt.close()
     return _finished_run(setup, workdir, step, state.params, tag)
-  return _train_loop(setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops)
+  profiler = StepProfiler(profile_steps, workdir / PROFILE_DIR)
+  return _train_loop(setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops, profiler)
 
 
 def _train_loop(
-  setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops=None
+  setup, workdir, tag, ckpt, data_iter, state, step, peak_tflops=None, profiler=None
 ) -> dict[str, float]:
   config, mesh = setup.config, setup.mesh
   evaluators = build_evaluators(setup, workdir)
@@ -573,9 +653,11 @@ def _train_loop(
   ckpt_every = int(config.get("checkpoint_every", 1000))
   batch_sharding = sharding.batch_sharding(mesh)
   saved = None
+  profiler = profiler or StepProfiler(None, "")
   try:
     with _StopSignals() as stop, jax.set_mesh(mesh):
       while step < total:
+        profiler.begin(step + 1)
         local = next(data_iter)
         skipped = local.pop(pipeline.SKIPPED_KEY, None)
         if step == start_step:
@@ -583,6 +665,7 @@ def _train_loop(
         batch = pipeline.to_global_batch(local, batch_sharding)
         state, step_metrics = compiled_step(state, batch)
         step += 1
+        profiler.end(step, (state, step_metrics))
         stopping = stop.requested or ckpt.manager.reached_preemption(step)
         save_now = step % ckpt_every == 0 or step == total or stopping
         if step % log_every == 0 or step == total or save_now:
@@ -610,6 +693,7 @@ def _train_loop(
           logging.warning("stopping at step %d; rerun the same command to resume", step)
           break
   finally:
+    profiler.close()
     ckpt.close()
     writer.close()
 
