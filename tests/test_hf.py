@@ -651,3 +651,136 @@ def test_clip_bpe_tokenizer_matches_transformers_and_lays_out_like_clip():
   differ = [t for t, a, b in zip(ref["texts"], ref["hf_ids"], ref["open_clip_ids"]) if a != b]
   assert len(differ) == 44  # fullwidth letters, emoji, CJK, newlines (docs/methods.md)
   assert all(any(ord(c) > 0x2000 or c == "\n" for c in t) for t in differ)
+
+
+# --- Scanned towers (`model.scan_layers`): the same stored tensors, blocks stacked. ---
+
+
+def _inputs_of(tower):
+  size = tower.get("image_size", 0)
+  if tower["kind"] == "vit":
+    return (np.zeros((1, size, size, 3), np.float32),)
+  return np.zeros((1, 5), np.int32), np.ones((1, 5), np.int32)
+
+
+def _scanned_abstract(tower, *inputs):
+  from vlalign.models import build_tower  # noqa: PLC0415
+
+  scanned = build_tower(tower, "test", scan_layers=True)
+  return jax.eval_shape(scanned.init, jax.random.key(0), *inputs)["params"]
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP))
+def test_scanned_tower_imports_and_exports_the_unrolled_towers_tensors(tmp_path, name):
+  """A scanned tower loads a checkpoint into stacked blocks (layer i at index i) and writes back
+  exactly the files the unrolled tower writes."""
+  from vlalign.models import build_tower, scan  # noqa: PLC0415
+
+  tower = ROUND_TRIP[name]
+  inputs = _inputs_of(tower)
+  params = build_tower(tower, "test").init(jax.random.key(1), *inputs)["params"]
+  unrolled_dir = hf.export_tower(params, tower, tmp_path / "unrolled")
+  loaded = hf.load_tower(unrolled_dir, tower, _scanned_abstract(tower, *inputs))
+  assert scan.has_stacked_layers(loaded)
+  expected = scan.stack_layers(params)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), loaded, expected)
+  scanned_dir = hf.export_tower(loaded, tower, tmp_path / "scanned")
+  written = load_file(str(scanned_dir / hf.WEIGHTS_FILE))
+  reference = load_file(str(unrolled_dir / hf.WEIGHTS_FILE))
+  assert written.keys() == reference.keys()
+  for key, value in reference.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  assert (scanned_dir / "config.json").read_text() == (unrolled_dir / "config.json").read_text()
+
+
+def test_scanned_bert_matches_transformers_whole_and_sliced():
+  ref = np.load(TINY / "reference.npz")
+  from vlalign.models import build_tower  # noqa: PLC0415
+
+  for layers, tower, expected in (
+    (None, TINY_TOWER, ref["last_hidden_state"]),
+    ((0, 1), {**TINY_TOWER, "depth": 1, "pool": "first"}, ref["hidden_states"][1]),
+  ):
+    abstract = _scanned_abstract(tower, ref["ids"], ref["mask"])
+    params = hf.load_tower(TINY, tower, abstract, layers=layers)
+    scanned = build_tower(tower, "test", scan_layers=True)
+    out = scanned.apply({"params": params}, ref["ids"], ref["mask"])
+    np.testing.assert_allclose(out["tokens"], expected, atol=1e-5, rtol=0)
+
+
+def test_scanned_fusion_loads_the_upper_layers_and_leaves_cross_attention_fresh():
+  """`tower="fusion"`, `layers="1:2"` into a scanned post-LN fusion encoder: self-attention, MLP
+  and LayerNorms from stored layer 1 (as the unrolled encoder's `block_0`), cross-attention None
+  (the loader's "keep the fresh value")."""
+  import ml_collections  # noqa: PLC0415
+
+  from vlalign.models import fusion, scan  # noqa: PLC0415
+
+  model = ml_collections.ConfigDict(
+    dict(fusion_style="post_ln", fusion_depth=1, text=dict(TINY_TOWER))
+  )
+  tower = hf.fusion_tower(model)
+  inputs = (np.zeros((2, 5, 32), np.float32), np.ones((2, 5), np.int32))
+  image = np.zeros((2, 3, 32), np.float32)
+
+  def abstract(scanned):
+    module = fusion.FusionEncoder(
+      depth=1, num_heads=4, mlp_dim=37, style="post_ln", scan_layers=scanned
+    )
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs, image)["params"]
+
+  unrolled = hf.load_tower(TINY, tower, abstract(False), "model.fusion", layers=(1, 2))
+  stacked = hf.load_tower(TINY, tower, abstract(True), "model.fusion", layers=(1, 2))
+  block = stacked[scan.STACKED]
+  assert all(v is None for v in jax.tree.leaves(block["cross_attn"], is_leaf=lambda x: x is None))
+  stored = load_file(str(TINY / "model.safetensors"))
+  np.testing.assert_array_equal(
+    block["mlp"]["fc1"]["kernel"][0], stored["encoder.layer.1.intermediate.dense.weight"].T
+  )
+  expected = scan.stack_layers(unrolled)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(a, b), stacked, expected, is_leaf=lambda x: x is None
+  )
+
+
+def test_albef_minilm_init_under_scan_layers_loads_every_layer_stacked():
+  """`config.init` (MiniLM layer 0 -> text encoder, layer 1 -> fusion) with `model.scan_layers`:
+  every loaded parameter is what the unrolled towers load, stacked; cross-attention keeps its
+  fresh value."""
+  from configs import albef_minilm  # noqa: PLC0415
+  from vlalign.models import build_tower, fusion, scan  # noqa: PLC0415
+
+  config = albef_minilm.get_config("tiny")
+  config.model.scan_layers = True
+  setup = trainer.build(config)
+  params = jax.device_get(trainer.fresh_state(setup, jax.random.PRNGKey(0)).params)["params"]
+  fresh = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))["params"]
+  assert all(
+    scan.has_stacked_layers(params[k]) for k in ("image_encoder", "text_encoder", "fusion")
+  )
+  # What the unrolled towers load from the same entries.
+  text_tower = config.model.text.to_dict()
+  ids = np.zeros((2, 8), np.int32)
+  unrolled_text = jax.eval_shape(
+    build_tower(text_tower, "test").init, jax.random.key(0), ids, np.ones_like(ids)
+  )["params"]
+  text = hf.load_tower(_minilm_dir(), text_tower, unrolled_text, "model.text", layers=(0, 1))
+  jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], scan.stack_layers(text))
+  width = text_tower["width"]
+  module = fusion.FusionEncoder(
+    depth=1, num_heads=text_tower["num_heads"], mlp_dim=text_tower["mlp_dim"], style="post_ln"
+  )
+  tokens = np.zeros((2, 8, width), np.float32)
+  image = np.zeros((2, 3, config.model.image.width), np.float32)
+  unrolled_fusion = jax.eval_shape(
+    module.init, jax.random.key(0), tokens, np.ones((2, 8), np.int32), image
+  )["params"]
+  loaded = hf.load_tower(
+    _minilm_dir(), hf.fusion_tower(config.model), unrolled_fusion, "model.fusion", layers=(1, 2)
+  )
+  block = params["fusion"][scan.STACKED]
+  for name, value in scan.stack_layers(loaded)[scan.STACKED].items():
+    if name in ("cross_attn", "ln_cross"):  # not in the checkpoint: the fresh (scanned) values
+      value = fresh["fusion"][scan.STACKED][name]
+    jax.tree.map(np.testing.assert_array_equal, block[name], value)

@@ -1,8 +1,9 @@
 """Encoders ("towers") and the composite models built from them, both picked by name from config.
 
 * `TOWERS`: `model.image.kind` / `model.text.kind` name a registered tower; the tower config's other
-  fields are its constructor's arguments (plus `dtype` and `remat` from `config.model`). An image
-  tower maps `images [B, H, W, 3] -> {"cls": [B, D], "tokens": [B, N, D]}`, a text tower
+  fields are its constructor's arguments (plus `dtype`, `remat`, `remat_policy` and `scan_layers`
+  from `config.model`). An image tower maps
+  `images [B, H, W, 3] -> {"cls": [B, D], "tokens": [B, N, D]}`, a text tower
   `(ids [B, L], mask [B, L]) -> {"cls": [B, D], "tokens": [B, L, D]}`; a text tower whose token
   table can tie an MLM decoder also has `embedding_table() -> [V, D]`.
 * `MODELS`: `model.name` names a registered composite (`two_tower`, `albef`) taking the
@@ -24,6 +25,9 @@ TOWERS: Registry[type[nn.Module]] = Registry("tower", "vlalign.models")
 MODELS: Registry[type[nn.Module]] = Registry("model", "vlalign.models")
 
 _NOT_CONFIG = {"parent", "name"}
+# `common` fields a tower need not have, and their defaults: a tower without one is refused only
+# when the config asks for another value (`vlalign/models/scan.py`).
+OPTIONAL_COMMON = {"scan_layers": False, "remat_policy": "full"}
 
 
 def tower_fields(kind: str) -> set[str]:
@@ -38,7 +42,9 @@ def build_tower(tower_config: Any, where: str, **common: Any) -> nn.Module:
   Args:
     tower_config: e.g. `config.model.image`, with `kind` and the tower's own fields.
     where: the config path, for messages (e.g. "model.image").
-    **common: fields every tower receives (`dtype`, `remat`), used when the tower has them.
+    **common: fields every tower receives (`dtype`, `remat`, `remat_policy`, `scan_layers`), used
+      when the tower has them; a tower without `scan_layers` / `remat_policy` is a ConfigError
+      when they are not at their defaults (`OPTIONAL_COMMON`).
   """
   fields = dict(tower_config.to_dict() if hasattr(tower_config, "to_dict") else tower_config)
   if "kind" not in fields:
@@ -51,6 +57,16 @@ def build_tower(tower_config: Any, where: str, **common: Any) -> nn.Module:
     raise ConfigError(
       f"config.{where} has fields {unknown} that tower kind {kind!r} does not take; "
       f"it takes {sorted(allowed - set(common))}"
+    )
+  unsupported = {
+    k: default
+    for k, default in OPTIONAL_COMMON.items()
+    if k in common and common[k] != default and k not in allowed
+  }
+  if unsupported:
+    raise ConfigError(
+      f"config.model sets {sorted(unsupported)}, which tower kind {kind!r} (config.{where}) does "
+      f"not implement; leave them at their defaults {unsupported}"
     )
   extra = {k: v for k, v in common.items() if k in allowed}
   return cls(**fields, **extra)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import TOWERS
+from vlalign.models import TOWERS, scan
 from vlalign.models.layers import (
   PARAM_DTYPE,
   Dtype,
@@ -159,6 +159,9 @@ class Bert(nn.Module):
     dropout: hidden dropout; `attention_dropout` on the attention probabilities.
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`).
+    scan_layers: the blocks as one `nn.scan` (parameters `blocks`, a leading layer axis) instead
+      of unrolled (`block_{i}`); see `vlalign/models/scan.py`.
     lora: LoRA adapters (`vlalign/models/lora.py`): `dict(rank, alpha, dropout, targets)` with
       targets from `BERT_LORA_TARGETS`; None (default): none.
   """
@@ -177,6 +180,8 @@ class Bert(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   lora: dict | None = None
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   def setup(self):
     lora = check_lora(self.lora, BERT_LORA_TARGETS, "model.text.lora")
@@ -195,21 +200,21 @@ class Bert(nn.Module):
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE
     )
     self.embed_dropout = nn.Dropout(self.dropout)
-    # static_argnums counts `self` as 0: (self, x, mask, train).
-    block_cls = nn.remat(PostLNBlock, static_argnums=(3,)) if self.remat else PostLNBlock
-    self.blocks = [
-      block_cls(
-        num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim,
-        dropout=self.dropout,
-        attention_dropout=self.attention_dropout,
-        layer_norm_eps=self.layer_norm_eps,
-        dtype=self.dtype,
-        lora=lora,
-        name=f"block_{i}",
-      )
-      for i in range(self.depth)
-    ]
+    block = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+      lora=lora,
+    )
+    if self.scan_layers:
+      self.layer_stack = PostLNBlock(**block, name=scan.STACKED)
+    else:
+      # static_argnums counts `self` as 0: (self, x, mask, train).
+      block_cls = scan.remat_block(PostLNBlock, self.remat, self.remat_policy, (3,))
+      self.blocks = [block_cls(**block, name=f"block_{i}") for i in range(self.depth)]
     if self.pool == "pooler":
       self.pooler = nn.Dense(self.width, dtype=self.dtype, param_dtype=PARAM_DTYPE)
 
@@ -234,8 +239,19 @@ class Bert(nn.Module):
     """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
     x = self.embed(ids, train)
     attn_mask = key_padding_mask(mask)
-    for block in self.blocks:
-      x = block(x, attn_mask, train)
+    if self.scan_layers:
+      x = scan.scan_blocks(
+        self.layer_stack,
+        x,
+        attn_mask,
+        depth=self.depth,
+        train=train,
+        remat=self.remat,
+        policy=self.remat_policy,
+      )
+    else:
+      for block in self.blocks:
+        x = block(x, attn_mask, train)
     if self.pool == "pooler":
       cls = jnp.tanh(self.pooler(x[:, 0]))
     else:

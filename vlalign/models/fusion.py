@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
+from vlalign.models import scan
 from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
 
 STYLES = ("pre_ln", "post_ln")
@@ -76,6 +77,9 @@ class FusionEncoder(nn.Module):
     num_heads, mlp_dim, dropout, attention_dropout, dtype, style, layer_norm_eps: as in
       `CrossAttentionBlock`.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`).
+    scan_layers: the blocks as one `nn.scan` (parameters `blocks`, a leading layer axis) instead
+      of unrolled (`block_{i}`); see `vlalign/models/scan.py`.
   """
 
   depth: int
@@ -87,6 +91,8 @@ class FusionEncoder(nn.Module):
   remat: bool = False
   style: str = "pre_ln"
   layer_norm_eps: float = 1e-6
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(
@@ -113,23 +119,33 @@ class FusionEncoder(nn.Module):
       raise ConfigError(f"unknown fusion style {self.style!r}; choose one of {STYLES}")
     self_mask = key_padding_mask(text_mask)
     cross_mask = None if image_mask is None else key_padding_mask(image_mask)
-    # static_argnums counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
-    block_cls = (
-      nn.remat(CrossAttentionBlock, static_argnums=(5,)) if self.remat else CrossAttentionBlock
+    block = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      dtype=self.dtype,
+      style=self.style,
+      layer_norm_eps=self.layer_norm_eps,
     )
     x = text_tokens.astype(self.dtype)
-    for i in range(self.depth):
-      block = block_cls(
-        num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim,
-        dropout=self.dropout,
-        attention_dropout=self.attention_dropout,
-        dtype=self.dtype,
-        style=self.style,
-        layer_norm_eps=self.layer_norm_eps,
-        name=f"block_{i}",
+    if self.scan_layers:
+      x = scan.scan_blocks(
+        CrossAttentionBlock(**block, name=scan.STACKED),
+        x,
+        image_tokens,
+        self_mask,
+        cross_mask,
+        depth=self.depth,
+        train=train,
+        remat=self.remat,
+        policy=self.remat_policy,
       )
-      x = block(x, image_tokens, self_mask, cross_mask, train)
+    else:
+      # static_argnums counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
+      block_cls = scan.remat_block(CrossAttentionBlock, self.remat, self.remat_policy, (5,))
+      for i in range(self.depth):
+        x = block_cls(**block, name=f"block_{i}")(x, image_tokens, self_mask, cross_mask, train)
     if self.style == "post_ln":
       return x
     return nn.LayerNorm(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
+from vlalign.models import scan
 
 Dtype = Any
 PARAM_DTYPE = jnp.float32
@@ -128,6 +129,9 @@ class Encoder(nn.Module):
     num_heads, mlp_dim, dropout, attention_dropout, dtype, layer_norm_eps, activation,
       layer_scale, layer_scale_init: as in `EncoderBlock`.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`; "full": nothing).
+    scan_layers: run the blocks as one `nn.scan` (parameters `blocks`, leaves `[depth, ...]`)
+      instead of unrolled (`block_0` ... `block_{depth-1}`); see `vlalign/models/scan.py`.
   """
 
   depth: int
@@ -141,26 +145,38 @@ class Encoder(nn.Module):
   activation: str = "gelu"
   layer_scale: bool = False
   layer_scale_init: float = 1.0
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
-    # static_argnums counts `self` as 0: (self, x, mask, train).
-    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-    for i in range(self.depth):
-      block = block_cls(
-        num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim,
-        dropout=self.dropout,
-        attention_dropout=self.attention_dropout,
-        dtype=self.dtype,
-        layer_norm_eps=self.layer_norm_eps,
-        activation=self.activation,
-        layer_scale=self.layer_scale,
-        layer_scale_init=self.layer_scale_init,
-        name=f"block_{i}",
+    block = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      dtype=self.dtype,
+      layer_norm_eps=self.layer_norm_eps,
+      activation=self.activation,
+      layer_scale=self.layer_scale,
+      layer_scale_init=self.layer_scale_init,
+    )
+    if self.scan_layers:
+      x = scan.scan_blocks(
+        EncoderBlock(**block, name=scan.STACKED),
+        x,
+        mask,
+        depth=self.depth,
+        train=train,
+        remat=self.remat,
+        policy=self.remat_policy,
       )
-      x = block(x, mask, train)
+    else:
+      # static_argnums counts `self` as 0: (self, x, mask, train).
+      block_cls = scan.remat_block(EncoderBlock, self.remat, self.remat_policy, (3,))
+      for i in range(self.depth):
+        x = block_cls(**block, name=f"block_{i}")(x, mask, train)
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)

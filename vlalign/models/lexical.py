@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import MODELS, build_tower
+from vlalign.models import MODELS, build_tower, scan
 from vlalign.models.heads import Projection, l2_normalize
 from vlalign.models.layers import PARAM_DTYPE, Encoder
 
@@ -100,15 +100,15 @@ class LexicalModel(nn.Module):
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.get("dtype", "float32"))
-    remat = bool(c.get("remat", False))
+    layers = scan.layer_options(c)
     self.act = c.get("activation", "elu1p")
     if self.act not in ACTIVATIONS:
       raise ConfigError(f"unknown model.activation {self.act!r}; choose one of {ACTIVATIONS}")
     text_mapper = c.get("text_mapper", "none")
     if text_mapper not in TEXT_MAPPERS:
       raise ConfigError(f"unknown model.text_mapper {text_mapper!r}; choose one of {TEXT_MAPPERS}")
-    self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, remat=remat)
-    self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, remat=remat)
+    self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, **layers)
+    self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, **layers)
     has_head = bool(c.text.get("lm_head", False))
     self.codebook_kind = c.get("text_codebook", "output" if has_head else "input")
     if self.codebook_kind not in TEXT_CODEBOOKS:
@@ -133,8 +133,8 @@ class LexicalModel(nn.Module):
         num_heads=int(image.num_heads),
         mlp_dim=int(image.mlp_dim),
         dtype=dtype,
-        remat=remat,
         layer_norm_eps=float(image.get("layer_norm_eps", 1e-6)),
+        **layers,
         name="adapter",
       )
     self.image_mapper = Projection(

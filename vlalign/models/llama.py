@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import TOWERS
+from vlalign.models import TOWERS, scan
 from vlalign.models.layers import PARAM_DTYPE, Dtype, causal_mask, key_padding_mask
 from vlalign.models.lora import add_lora, check_lora
 from vlalign.models.text import pool_tokens
@@ -165,6 +165,9 @@ class Llama(nn.Module):
     dropout: residual and attention dropout (0 in Llama).
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`).
+    scan_layers: the blocks as one `nn.scan` (parameters `blocks`, a leading layer axis) instead
+      of unrolled (`block_{i}`); see `vlalign/models/scan.py`.
     lora: LoRA adapters (`vlalign/models/lora.py`): `dict(rank, alpha, dropout, targets)` with
       targets from `LLAMA_LORA_TARGETS`; None (default): none.
   """
@@ -185,6 +188,8 @@ class Llama(nn.Module):
   remat: bool = False
   lora: dict | None = None
   lm_head: bool = False
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   def setup(self):
     lora = check_lora(self.lora, LLAMA_LORA_TARGETS, "model.text.lora")
@@ -200,22 +205,23 @@ class Llama(nn.Module):
       dtype=self.dtype,
       param_dtype=PARAM_DTYPE,
     )
-    block_cls = nn.remat(LlamaBlock, static_argnums=(3,)) if self.remat else LlamaBlock
-    self.blocks = [
-      block_cls(
-        num_heads=self.num_heads,
-        num_kv_heads=kv_heads,
-        head_dim=self.head_dim or self.width // self.num_heads,
-        mlp_dim=self.mlp_dim,
-        rope_theta=self.rope_theta,
-        norm_eps=self.norm_eps,
-        dropout=self.dropout,
-        dtype=self.dtype,
-        lora=lora,
-        name=f"block_{i}",
-      )
-      for i in range(self.depth)
-    ]
+    block = dict(
+      num_heads=self.num_heads,
+      num_kv_heads=kv_heads,
+      head_dim=self.head_dim or self.width // self.num_heads,
+      mlp_dim=self.mlp_dim,
+      rope_theta=self.rope_theta,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      dtype=self.dtype,
+      lora=lora,
+    )
+    if self.scan_layers:
+      self.layer_stack = LlamaBlock(**block, name=scan.STACKED)
+    else:
+      # static_argnums counts `self` as 0: (self, x, mask, train).
+      block_cls = scan.remat_block(LlamaBlock, self.remat, self.remat_policy, (3,))
+      self.blocks = [block_cls(**block, name=f"block_{i}") for i in range(self.depth)]
     self.ln_final = RMSNorm(self.norm_eps, self.dtype)
     if self.lm_head:
       self.output_embed = self.param(
@@ -239,7 +245,18 @@ class Llama(nn.Module):
       raise ConfigError(f"text length {length} exceeds model.text.max_len={self.max_len}")
     x = self.token_embed(ids)
     attn_mask = key_padding_mask(mask) & causal_mask(length)
-    for block in self.blocks:
-      x = block(x, attn_mask, train)
+    if self.scan_layers:
+      x = scan.scan_blocks(
+        self.layer_stack,
+        x,
+        attn_mask,
+        depth=self.depth,
+        train=train,
+        remat=self.remat,
+        policy=self.remat_policy,
+      )
+    else:
+      for block in self.blocks:
+        x = block(x, attn_mask, train)
     x = self.ln_final(x)
     return {"cls": pool_tokens(x, mask, self.pool), "tokens": x}

@@ -36,6 +36,15 @@ Model config fields (see configs/common.py):
   codebook_size: K > 0 adds a codebook of K learnable centres in the joint space (output
                  `codebook` `[K, E]`, unit rows; CODIS); 0 or absent: none
   remat: recompute block activations in the backward pass
+  remat_policy: what remat may keep instead of recomputing (`vlalign.models.scan.REMAT_POLICIES`):
+                "full" (default: nothing but each block's inputs, what remat has always done),
+                "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"
+                (`jax.checkpoint_policies`); another value than "full" needs remat=True
+  scan_layers: every tower's (and the fusion encoder's) blocks run as one `nn.scan` with
+               parameters stacked along a leading layer axis (`blocks` instead of
+               `block_0..block_{n-1}`; `vlalign/models/scan.py`): the same function, compiled
+               once per tower instead of once per block. Default False (the unrolled layout of
+               existing checkpoints; `scan.stack_layers` / `unstack_layers` convert)
   albef only: fusion_depth (number of fusion blocks; heads, mlp_dim, dropout and layer_norm_eps
               from `text`), fusion_style ("pre_ln" default, "post_ln": BERT layers with
               cross-attention, for a `bert` text tower), tie_mlm (default True: the MLM decoder
@@ -51,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import MODELS, build_tower
+from vlalign.models import MODELS, build_tower, scan
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Codebook, Projection, l2_normalize
 
@@ -133,10 +142,10 @@ class TwoTower(nn.Module):
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.get("dtype", "float32"))
-    remat = bool(c.get("remat", False))
+    layers = scan.layer_options(c)
     proj_bias = bool(c.get("proj_bias", self.default_proj_bias))
-    self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, remat=remat)
-    self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, remat=remat)
+    self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, **layers)
+    self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, **layers)
     if c.get("projection", True):
       self.image_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
       self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
@@ -235,8 +244,8 @@ class ALBEFModel(TwoTower):
       dropout=text.get("dropout", 0.0),
       attention_dropout=text.get("attention_dropout", text.get("dropout", 0.0)),
       dtype=dtype,
-      remat=bool(c.get("remat", False)),
       style=c.get("fusion_style", "pre_ln"),
+      **scan.layer_options(c),
       layer_norm_eps=text.get("layer_norm_eps", 1e-6),
     )
     self.itm_head = ITMHead(dtype=dtype)

@@ -58,6 +58,9 @@ class TextTransformer(nn.Module):
     pool: how `cls` is taken from the tokens: "first", "eos" or "mean" (see `pool_tokens`).
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`).
+    scan_layers: the blocks as one `nn.scan` (parameters `encoder/blocks`, a leading layer axis)
+      instead of unrolled (`encoder/block_{i}`); see `vlalign/models/scan.py`.
     layer_norm_eps: LayerNorm epsilon (CLIP: 1e-5).
     activation: MLP activation, `gelu` (exact) or `quick_gelu` (OpenAI CLIP).
     attend_padding: padding tokens are attended to like real ones (SigLIP's text model was trained
@@ -83,6 +86,8 @@ class TextTransformer(nn.Module):
   activation: str = "gelu"
   attend_padding: bool = False
   head: bool = False
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   def setup(self):
     if self.pool not in POOLS:
@@ -110,6 +115,8 @@ class TextTransformer(nn.Module):
       remat=self.remat,
       layer_norm_eps=self.layer_norm_eps,
       activation=self.activation,
+      remat_policy=self.remat_policy,
+      scan_layers=self.scan_layers,
     )
 
   def embedding_table(self) -> jax.Array:

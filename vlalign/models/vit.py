@@ -160,6 +160,9 @@ class ViT(nn.Module):
     image_size: side of the (square) training images, which fixes the learned grid.
     dtype: compute dtype (parameters stay float32).
     remat: recompute block activations in the backward pass.
+    remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`).
+    scan_layers: the blocks as one `nn.scan` (parameters `encoder/blocks`, a leading layer axis)
+      instead of unrolled (`encoder/block_{i}`); see `vlalign/models/scan.py`.
     cls_pos_embed: the CLS token gets a position embedding too, as in ViT/DeiT (timm, Hugging
       Face) and CLIP: `pos_embedding` is then `[1 + g*g, D]`, CLS first; otherwise `[g, g, D]`.
     ln_pre: a LayerNorm on the embedded tokens before the blocks (CLIP's `ln_pre`).
@@ -206,6 +209,8 @@ class ViT(nn.Module):
   class_token: bool = True
   pool: str = "cls"
   distillation_token: bool = False
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -278,6 +283,8 @@ class ViT(nn.Module):
       activation=self.activation,
       layer_scale=self.layer_scale,
       layer_scale_init=self.layer_scale_init,
+      remat_policy=self.remat_policy,
+      scan_layers=self.scan_layers,
       name="encoder",
     )(x, None, train)
     tokens = x[:, int(self.class_token) + int(self.distillation_token) + self.num_registers :]

@@ -34,6 +34,11 @@ full copy per device.
 `export_tower` writes a tower's parameters back in the family's Hugging Face layout
 (`model.safetensors` + `config.json`); importing that directory gives the same arrays bit for bit.
 
+A scanned tower (`model.scan_layers`: blocks stacked along a leading layer axis under `blocks`,
+`vlalign/models/scan.py`) imports and exports the same per-layer tensors: on import each stacked
+leaf is filled from the stored layers (checked one by one as the unrolled tower's `block_{i}`) and
+placed at once; on export it is unstacked first (`scan.unstack_layers`).
+
 A tower with LoRA adapters (`lora`, `vlalign/models/lora.py`) imports the checkpoint of its base
 architecture: the adapter parameters (`LORA_PARAM_PATTERN`) have no stored name and keep their
 fresh initialisation (B = 0: the tower starts as the checkpoint); every other parameter is placed
@@ -57,6 +62,7 @@ from absl import logging
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
 from vlalign.errors import ConfigError, PathError
+from vlalign.models import scan
 from vlalign.weights import LOADERS, count, fit_positions
 
 CONFIG_FILE = "config.json"
@@ -946,7 +952,9 @@ def load_tower(
   `layers=(start, stop)` loads the stored layers start..stop-1 into the tower's `stop - start`
   blocks (BERT's lower layers as ALBEF's text encoder, its upper ones as the fusion encoder).
   Parameters whose optional tensor the checkpoint lacks, and a `lora` tower's adapters, come back
-  as None (keep their fresh values)."""
+  as None (keep their fresh values). A scanned tower's stacked blocks (`blocks`, leaves
+  `[depth, ...]`; `vlalign/models/scan.py`) read stored layer `start + i` into index i of each
+  leaf, checked as the unrolled tower's `block_{i}`."""
   from vlalign.models.lora import is_lora_path  # noqa: PLC0415
 
   tower = with_defaults(tower)
@@ -961,26 +969,47 @@ def load_tower(
     hf_config = {**hf_config, "num_hidden_layers": stop - start}
   check_architecture(family, tower, hf_config, where, source)
   adapter = lambda name: bool(tower.get("lora")) and is_lora_path(name)
+  # A scanned tower (`model.scan_layers`) stores its blocks stacked (`blocks`, leaves
+  # `[depth, ...]`): names and shapes are checked per layer, as for the unrolled tower.
+  per_layer = scan.unstack_layers(abstract) if scan.has_stacked_layers(abstract) else abstract
   targets = {
     name: tuple(leaf.shape)
-    for name, leaf in pytrees.named_leaves(abstract).items()
+    for name, leaf in pytrees.named_leaves(per_layer).items()
     if not adapter(name)
   }
   with StoredTensors(weight_files(directory)) as stored:
     names = match_tensors(family, tower, stored.shapes(), targets, source, layers)
 
-    def load(path, leaf):
-      ours = pytrees.path_name(path)
+    def value_of(ours: str, shape: tuple[int, ...]) -> np.ndarray | None:
+      """Our parameter `ours` (of `shape`) from its stored tensor; None: keep the fresh value."""
       if adapter(ours):  # a LoRA adapter: not in a Hugging Face checkpoint
         return None
       name, layout = names[ours]
       if name not in stored:  # an optional tensor the checkpoint lacks
         return None
       value = stored.get(name)
-      if _resizable(family, ours) and _stored_size(value, layout) != leaf.size:
-        logging.info("init: %s resized from %s to %s", name, value.shape, tuple(leaf.shape))
-        return place(fit_positions(value, tuple(leaf.shape), tower), leaf)
-      return place(_to_flax(layout, value, tuple(leaf.shape)), leaf)
+      if _resizable(family, ours) and _stored_size(value, layout) != int(np.prod(shape)):
+        logging.info("init: %s resized from %s to %s", name, value.shape, shape)
+        return fit_positions(value, shape, tower)
+      return _to_flax(layout, value, shape)
+
+    def load(path, leaf):
+      ours = pytrees.path_name(path)
+      layer_names = scan.unrolled_names(ours, leaf.shape[0]) if leaf.shape else None
+      if layer_names is None:
+        value = value_of(ours, tuple(leaf.shape))
+        return None if value is None else place(value, leaf)
+      # One stacked leaf: every layer's tensor, stacked along the leading axis, placed at once.
+      values = [value_of(name, tuple(leaf.shape[1:])) for name in layer_names]
+      if all(v is None for v in values):
+        return None
+      if any(v is None for v in values):
+        lacking = [name for name, v in zip(layer_names, values) if v is None]
+        raise ConfigError(
+          f"{source}: a scanned tower loads every layer of {ours} or none, and the checkpoint has "
+          f"no value for {lacking}"
+        )
+      return place(np.stack(values), leaf)
 
     return jax.tree.map_with_path(load, abstract)
 
@@ -1112,6 +1141,8 @@ def export_tower(
   from vlalign.models.lora import merge_lora  # noqa: PLC0415
 
   tower = with_defaults(tower)
+  if scan.has_stacked_layers(params):  # a scanned tower: its blocks are stored one by one
+    params = scan.unstack_layers(jax.device_get(params))
   if tower.get("lora"):
     params = merge_lora(jax.device_get(params), tower["lora"])
     tower = {**tower, "lora": None}
