@@ -70,6 +70,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 9, "Rounds over all cells; the median i
 _SECONDS = flags.DEFINE_float("seconds", 0.4, "CPU seconds of one timed cell (about).")
 _QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the encoded photos.")
 _CROPS = flags.DEFINE_bool("crops", False, "Measure train crops of the original image instead.")
+_PROFILE = flags.DEFINE_bool(
+  "profile", False, "Time the steps of decode_image (pil decoder) one by one instead."
+)
 _FIDELITY_DRAWS = flags.DEFINE_integer("fidelity_draws", 20, "Crops per photo for the fidelity.")
 _PIPELINE_THREADS = flags.DEFINE_integer("pipeline_threads", 2, "Grain read threads (--crops).")
 _PIPELINE_IMAGES = flags.DEFINE_integer("pipeline_images", 640, "Pairs per timed pipeline run.")
@@ -372,6 +375,66 @@ def crops_main(sets: dict[str, list[bytes]], size: int, rounds: int, seconds: fl
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
+# ----------------------------------------------------------------------------- --profile
+
+
+def profile_steps(size: int) -> dict[str, Callable[[list[bytes]], Callable[[bytes], object]]]:
+  """Step name -> (encoded set -> one image's work): the steps of `decode_image(data, size)` with
+  the PIL decoder, each timed alone, plus the 1/8-scale decode (entropy-decoding floor)."""
+
+  def drafted(data):
+    return images._decode_pil(data, size, None)
+
+  def resize_alone(encoded):
+    decoded = {id(d): drafted(d) for d in encoded}  # decoded once, outside the timed loop
+
+    def run(data):
+      dec = decoded[id(data)]
+      box = tuple(v * dec.scale for v in images._source_box(dec.width, dec.height, size, "squash"))
+      return dec.image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+    return run
+
+  def to_numpy(encoded):
+    outs = {id(d): images.decode_image(d, size) for d in encoded}
+    pil = {k: Image.fromarray(v) for k, v in outs.items()}
+    return lambda data: np.array(pil[id(data)], dtype=np.uint8)
+
+  def floor(data):
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (1, 1))  # scale 1/8: the inverse DCT is the DC term only
+    image.load()
+    return image
+
+  return {
+    "open (header only)": lambda encoded: lambda data: Image.open(io.BytesIO(data)),
+    "decode at 1/8 scale (entropy-decoding floor)": lambda encoded: floor,
+    "decode at the draft scale (to RGB)": lambda encoded: drafted,
+    "bicubic resize alone (from the drafted image)": resize_alone,
+    "PIL image -> numpy copy": to_numpy,
+    "decode_image (all of it)": lambda encoded: lambda data: images.decode_image(data, size),
+  }
+
+
+def profile_main(sets: dict[str, list[bytes]], size: int, rounds: int, seconds: float) -> None:
+  sets = {name: sets[name] for name in ("native", "1000x750", "1000x750 pre-resized")}
+  steps = profile_steps(size)
+  samples: dict[tuple[str, str], list[float]] = {}
+  for r in range(rounds):
+    for set_name, encoded in sets.items():
+      for step, make in steps.items():
+        cpu_rate, _ = rate(make(encoded), encoded, seconds)
+        samples.setdefault((step, set_name), []).append(1000.0 / cpu_rate)
+    print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+  print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+  print("| step (pil decoder, squash to " + f"{size} px) | " + " | ".join(sets) + " |")
+  print("|---|" + "---:|" * len(sets))
+  for step in steps:
+    cells = [f"{statistics.median(samples[(step, s)]):.2f}" for s in sets]
+    print(f"| {step} | " + " | ".join(cells) + " |")
+  print(f"\nms of CPU time per image, one thread, median of {rounds} rounds.")
+
+
 def main(argv):
   del argv
   size, rounds, seconds = _SIZE.value, _ROUNDS.value, _SECONDS.value
@@ -382,6 +445,10 @@ def main(argv):
   print(versions())
   for name, encoded in sets.items():
     print(f"set {name}: {describe_set(encoded)}")
+  if _PROFILE.value:
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    profile_main(sets, size, rounds, seconds)
+    return
   if _CROPS.value:
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     crops_main(sets, size, rounds, seconds)

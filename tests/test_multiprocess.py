@@ -141,10 +141,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_evaluation_decodes_only_each_process_rows(tmp_path):
-  """2 processes x 2 devices give the metrics and embeddings of 1 process x 4 devices, each
-  decoding only the 8 of 16 images its devices hold; a truncated image counts once."""
-  data = _write_eval_data(tmp_path)
+def _run_eval_workers(tmp_path, worker: str, data: dict) -> tuple[dict, list[dict]]:
+  """Runs `worker` as 2 processes x 2 devices and as 1 process x 4 devices, at once; returns
+  what the one process wrote and what each of the two wrote."""
   port = _free_port()
   runs = [("two", i, 2, 2) for i in range(2)] + [("one", 0, 1, 4)]
   procs = []
@@ -162,7 +161,7 @@ def test_evaluation_decodes_only_each_process_rows(tmp_path):
       JAX_PLATFORMS="cpu",
       PYTHONPATH=ROOT,
     )
-    cmd = [sys.executable, os.path.abspath(__file__), "eval_worker", json.dumps(args)]
+    cmd = [sys.executable, os.path.abspath(__file__), worker, json.dumps(args)]
     with open(tmp_path / f"{tag}{pid}.log", "w") as log:  # a file: no pipe to fill and block
       procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=log))
   try:
@@ -176,6 +175,14 @@ def test_evaluation_decodes_only_each_process_rows(tmp_path):
         proc.wait()
   one = json.loads((tmp_path / "one0.json").read_text())
   two = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
+  return one, two
+
+
+def test_evaluation_decodes_only_each_process_rows(tmp_path):
+  """2 processes x 2 devices give the metrics and embeddings of 1 process x 4 devices, each
+  decoding only the 8 of 16 images its devices hold; a truncated image counts once."""
+  data = _write_eval_data(tmp_path)
+  one, two = _run_eval_workers(tmp_path, "eval_worker", data)
   assert one["devices"] == [4, 4] and [t["devices"] for t in two] == [[2, 4], [2, 4]]
   for name in ("ret", "itm", "zs"):
     assert two[0]["metrics"][name] == two[1]["metrics"][name] == one["metrics"][name], name
@@ -189,5 +196,88 @@ def test_evaluation_decodes_only_each_process_rows(tmp_path):
   np.testing.assert_array_equal(two[1]["image_emb"], one["image_emb"])
 
 
+def _lexical_worker(args: dict) -> None:
+  """One process of sharded lexical evaluation: `patchdis` (both tasks) and `lexical_words` (on 14
+  images: the last batch padded) of the shapes val split through `sharding.host_fn` on a mesh of
+  every process's devices, with a small random lexical model; writes their metrics and decode
+  counts to `args["out"]`."""
+  import jax
+
+  if args["num_processes"] > 1:
+    jax.distributed.initialize(
+      f"127.0.0.1:{args['port']}", args["num_processes"], args["process_id"]
+    )
+  import jax.numpy as jnp
+
+  from vlalign import evaluation, sharding
+  from vlalign.data.tokenizer import build_tokenizer
+
+  tokenizer = build_tokenizer(dict(tokenizer="shapes_words"))
+  vocab = tokenizer.vocab_size
+
+  def lexical_patches(params, images):  # [B, 32, 32, 3] -> [B, 16, V]: 8x8 patch means, projected
+    means = images.reshape(len(images), 4, 8, 4, 8, 3).mean(axis=(2, 4)).reshape(-1, 16, 3)
+    return jax.nn.relu(means @ params["patch"] + params["bias"])
+
+  def lexical_image(params, images):
+    return jnp.max(lexical_patches(params, images), axis=1)
+
+  def lexical_text(params, ids, mask):
+    return jax.nn.relu((params["words"][ids] * mask[..., None]).sum(axis=1))
+
+  fns = {
+    "lexical_patches": lexical_patches,
+    "lexical_image": lexical_image,
+    "lexical_text": lexical_text,
+    "lexicon_ids": lambda params: jnp.arange(vocab),
+  }
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  rng = np.random.default_rng(2)
+  params = {
+    "patch": rng.normal(size=(3, vocab)).astype(np.float32),
+    "bias": rng.normal(size=(vocab,)).astype(np.float32),
+    "words": rng.normal(size=(vocab, vocab)).astype(np.float32),
+  }
+  params = jax.device_put(params, sharding.replicated(mesh))
+  evaluators = evaluation.build_evaluators(
+    {
+      "shape": dict(type="patchdis", split="val"),
+      "color": dict(type="patchdis", split="val", task="color", background_threshold=0.5),
+      "words": dict(type="lexical_words", split="val", k=3, max_images=14),
+    },
+    predict={name: sharding.host_fn(fn, mesh) for name, fn in fns.items()},
+    tokenizer=tokenizer,
+    data_config=dict(name="shapes", image_size=32, max_len=12, val_size=16, seed=0),
+    default_batch_size=EVAL_BATCH,
+  )
+  out = {"metrics": {}, "decoded": {}}
+  for name, ev in evaluators.items():
+    out["metrics"][name] = ev.run(params)
+    out["decoded"][name] = ev.decoded
+  out["devices"] = [jax.local_device_count(), jax.device_count()]
+  pathlib.Path(args["out"]).write_text(json.dumps(out))
+
+
+def test_lexical_evaluation_decodes_only_each_process_rows(tmp_path):
+  """patchdis and lexical_words on 2 processes x 2 devices give the metrics of 1 process x 4
+  devices, each process loading only the images its devices hold (the padding rows of the last
+  lexical_words batch once)."""
+  one, two = _run_eval_workers(tmp_path, "lexical_worker", {})
+  assert one["devices"] == [4, 4] and [t["devices"] for t in two] == [[2, 4], [2, 4]]
+  for name in ("shape", "color", "words"):
+    assert two[0]["metrics"][name] == two[1]["metrics"][name] == one["metrics"][name], name
+  assert one["decoded"] == {"shape": 16, "color": 16, "words": 14}
+  # 16 images: 8 each. 14: rows 0-3 and 8-11 on process 0; 4-7 and 12-13 (+ 2 repeats of 13) on 1.
+  assert [t["decoded"] for t in two] == [
+    {"shape": 8, "color": 8, "words": 8},
+    {"shape": 8, "color": 8, "words": 6},
+  ]
+  # The metrics say something: neither empty nor trivially perfect.
+  assert 0 < one["metrics"]["shape"]["pixel_acc"] < 100
+  assert one["metrics"]["words"]["active"] > 0
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["eval_worker"]:
   _eval_worker(json.loads(sys.argv[2]))
+if __name__ == "__main__" and sys.argv[1:2] == ["lexical_worker"]:
+  _lexical_worker(json.loads(sys.argv[2]))

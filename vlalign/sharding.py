@@ -167,3 +167,43 @@ def union_over_processes(indices: Any) -> np.ndarray:
   padded[: len(indices)] = indices
   gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, max count]
   return np.unique(gathered[gathered >= 0]).astype(np.int64)
+
+
+def owned_rows(rows: Any, num_rows: int) -> np.ndarray:
+  """Of this process's `rows` (indices into `[num_rows]`), those that no process of lower index
+  also has: when every process calls it with its own rows, each row that some process has is
+  owned by exactly one, so per-row counts summed over the processes count every row once (also
+  where a mesh puts a row on the devices of several processes). Every process must call it (a
+  collective when there are several); one process: `np.unique(rows)`, no communication.
+
+  Args:
+    rows: `[n_p]` ints in `[0, num_rows)` of this process.
+    num_rows: the size of the index space, the same on every process.
+
+  Returns:
+    `[n_owned]` int64 sorted unique indices, a subset of `rows`.
+  """
+  rows = np.unique(np.asarray(rows, np.int64).reshape(-1))
+  if jax.process_count() == 1:
+    return rows
+  held = np.zeros(num_rows, np.int32)
+  held[rows] = 1
+  everyone = np.asarray(multihost_utils.process_allgather(held))  # [P, num_rows]
+  first = np.argmax(everyone, axis=0)  # the lowest process holding each row
+  return rows[first[rows] == jax.process_index()]
+
+
+def sum_over_processes(array: Any) -> np.ndarray:
+  """The elementwise sum of every process's integer `array` (the same shape on each) as int64,
+  the same on every process. Exact: the values travel as two 31-bit halves, since JAX without
+  x64 would narrow int64 to int32. Every process must call it (a collective when there are
+  several); one process: the array as int64, no communication."""
+  array = np.asarray(array)
+  if not np.issubdtype(array.dtype, np.integer):
+    raise TypeError(f"sum_over_processes sums integers; got {array.dtype}")
+  array = array.astype(np.int64)
+  if jax.process_count() == 1:
+    return array
+  halves = np.stack([array >> 31, array & (2**31 - 1)]).astype(np.int32)  # a = hi * 2^31 + lo
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)  # [P, 2, ...]
+  return (gathered[:, 0] << 31).sum(axis=0) + gathered[:, 1].sum(axis=0)

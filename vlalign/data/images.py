@@ -39,10 +39,13 @@ Decoders (`decoder=`):
   libjpeg-turbo converts with its own rounding); non-JPEG bytes go to PIL. JPEGs simplejpeg refuses
   (colour conversions libjpeg-turbo lacks, recoverable corruption: it runs `strict`) also go to
   PIL, so which images are readable does not depend on the decoder. simplejpeg's own choice of scale
-  (any M/8) is not used: its odd factors (3/8, 5/8) differed by 2-5 grey levels on average (up to
-  ~120) from the full-resolution result. simplejpeg is optional and NOT in requirements.txt:
-  measured end to end (decode + resize to 256 px, `bench/decode_bench.py`, docs/results.md) it was
-  within a few percent of `"pil"`, because the bicubic resize, not the decode, dominates. Without
+  (any M/8 keeping both sides >= `size`) is not used: on the bench photos it was 7% faster at
+  1000x750 (3/8) but 7% slower at native sizes (libjpeg-turbo's 3/8, 5/8, 7/8 inverse DCTs have no
+  SIMD), and it raised the mean difference from full resolution 1.5-2x (0.4-0.5 -> 0.7-0.8
+  grey levels; docs/results.md, "Where the time goes"). simplejpeg is optional and NOT in
+  requirements.txt: measured end to end (decode + resize to 256 px, `bench/decode_bench.py`,
+  docs/results.md) it was within a few percent of `"pil"`: the entropy decoding is libjpeg-turbo's
+  in both, and PIL's bicubic resize costs as much as the decode. Without
   it this decoder raises ImportError naming the pip line.
 
 Train crops (`decode_original`, `load_original`): an augmentation that cuts a random resized crop

@@ -16,6 +16,12 @@ but each batch's predictions are on the host at once: `[batch_size, N, V]` float
 `patchdis` (256 images of 196 patches over a 32k-word lexicon are 6.4 GB), so give it a small
 `batch_size` with a large lexicon.
 
+Several processes (`sharding.host_fn` prediction functions): as the retrieval and zero-shot
+evaluators do (`retrieval.embed_in_batches`), each process loads (decodes) only the images of each
+batch that its devices hold; the predictions come back whole, each process counts the rows it owns
+and the integer counts (confusion matrices, per-image hits, caption words, active entries) are
+summed over the processes, so every process returns the metrics one process would.
+
 `patchdis` (PatchDis, LexVLA's patch-level discrimination, a zero-shot segmentation of the embedded
 shapes dataset). Each class (a shape, or a colour, with `task="color"`) gets a text vector: every
 prompt template filled with the class name goes through `lexical_text`, each vector is
@@ -70,14 +76,16 @@ to `jax.image.resize(..., method="linear")` for upsampling.
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
+from vlalign.evaluation.retrieval import _positions_of_this_process
 from vlalign.evaluation.zeroshot import class_embeddings, prompts
+from vlalign.sharding import ProcessRows, owned_rows, sum_over_processes
 
 # Task -> the example field holding each object's class (`shapes.ZEROSHOT_TASKS[task]` names the
 # classes and gives the default templates).
@@ -325,25 +333,71 @@ def word_hits(top_ids: np.ndarray, words: Sequence[set[int]]) -> np.ndarray:
 # --- Shared evaluator helpers -------------------------------------------------------------------
 
 
-def _call_padded(fn: Callable[..., Any], params: Any, arrays: Sequence[np.ndarray], size: int):
-  """`fn(params, *arrays)` on rows padded to `size` by repeating the last (one shape compiles);
-  returns the host float32 output of the real rows."""
-  n = len(arrays[0])
-  rows = np.minimum(np.arange(size), n - 1)
-  out = np.asarray(jax.device_get(fn(params, *(np.asarray(a)[rows] for a in arrays))), np.float32)
-  if len(out) != size:
-    raise ValueError(f"a prediction function returned {len(out)} rows for a batch of {size}")
-  return out[:n]
+class _Batch(NamedTuple):
+  """What one process sees of a batch of `_split_batches`.
+
+  Attributes:
+    rows: `[b]` int64 the split's rows this process counts in its metrics, in order.
+    examples: their examples.
+    outputs: `fn`'s host float32 outputs for them, `[b, ...]`.
+  """
+
+  rows: np.ndarray
+  examples: list
+  outputs: np.ndarray
 
 
-def _image_batches(source: Any, count: int, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
-  """The first `count` examples of `source` in lists of at most `batch_size`, each with its
-  images stacked and normalised (`[b, S, S, 3]` float32, as every evaluator passes them)."""
-  from vlalign.data import transforms  # Imported here: evaluators need no data code until built.
+class _SplitBatches:
+  """Called with `(params, count)`: the first `count` examples of `source` through
+  `fn(params, images)` in batches of `batch_size` rows (the last padded by repeating its last row:
+  one shape compiles), images stacked and normalised (`[b, S, S, 3]` float32, as every evaluator
+  passes them).
 
-  for start in range(0, count, batch_size):
-    examples = [source[i] for i in range(start, min(start + batch_size, count))]
-    yield examples, transforms.normalize_image(np.stack([ex["image"] for ex in examples]))
+  Several processes: as in `retrieval.embed_in_batches`, when `fn` tells which rows of a batch
+  this process's devices hold (`process_rows`, a `sharding.host_fn` function), the process loads
+  (decodes) only the examples of those rows and passes their images as `sharding.ProcessRows`;
+  `fn`'s outputs are the whole batch on every process. Each process then counts the rows it owns
+  (`sharding.owned_rows`: every row by exactly one process), so metrics built from per-row
+  integer counts and summed over the processes (`sharding.sum_over_processes`) equal those of one
+  process. Every process must iterate the same batches (the collectives are global).
+
+  Attributes:
+    decoded: examples this process has loaded so far (each distinct row of a batch once).
+  """
+
+  def __init__(self, fn: Callable[..., Any], source: Any, batch_size: int):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive; got {batch_size}")
+    self._fn, self._source, self.batch_size = fn, source, int(batch_size)
+    self._local = _positions_of_this_process(fn, self.batch_size)  # None: the whole batch
+    self._positions = np.arange(self.batch_size) if self._local is None else self._local
+    self._owned = None  # positions this process counts; a collective, so computed in __call__
+    self.decoded = 0
+
+  def __call__(self, params: Any, count: int) -> Iterator[_Batch]:
+    from vlalign.data import transforms  # Imported here: evaluators need no data code until built.
+
+    if self._owned is None:
+      self._owned = owned_rows(self._positions, self.batch_size)
+    counted_positions = np.isin(self._positions, self._owned)
+    for start in range(0, count, self.batch_size):
+      real = min(self.batch_size, count - start)
+      batch_rows = start + np.minimum(np.arange(self.batch_size), real - 1)  # last one repeated
+      rows = batch_rows[self._positions]
+      distinct, inverse = np.unique(rows, return_inverse=True)
+      loaded = [self._source[int(i)] for i in distinct]
+      self.decoded += len(distinct)
+      examples = [loaded[j] for j in inverse.reshape(-1)]
+      images = transforms.normalize_image(np.stack([ex["image"] for ex in examples]))
+      arg = images if self._local is None else ProcessRows(images, self.batch_size)
+      out = np.asarray(jax.device_get(self._fn(params, arg)), np.float32)
+      if len(out) != self.batch_size:
+        raise ValueError(
+          f"a prediction function returned {len(out)} rows for a batch of {self.batch_size}"
+        )
+      counted = np.flatnonzero(counted_positions & (self._positions < real))
+      positions = self._positions[counted]
+      yield _Batch(batch_rows[positions], [examples[i] for i in counted], out[positions])
 
 
 def _lexicon(fn: Callable[[Any], Any], params: Any) -> np.ndarray:
@@ -431,6 +485,12 @@ class PatchDisEvaluator:
     self._tokenizer = tokenizer
     self.source = source
     self.num_images = len(source) if max_images is None else min(len(source), int(max_images))
+    self._batches = _SplitBatches(lexical_patches_fn, source, self.batch_size)
+
+  @property
+  def decoded(self) -> int:
+    """Examples (images) this process has loaded so far (its rows only, on several processes)."""
+    return self._batches.decoded
 
   def class_vectors(self, params: Any) -> np.ndarray:
     """`[C, V]` prompt-ensembled unit class vectors."""
@@ -450,19 +510,23 @@ class PatchDisEvaluator:
     class_lex = self.class_vectors(params)
     full = np.zeros((num_classes + 1, num_classes + 1), np.int64)
     objects = np.zeros((num_classes, num_classes), np.int64)
-    for examples, images in _image_batches(self.source, self.num_images, self.batch_size):
-      patch_lex = _call_padded(self._patches, params, (images,), self.batch_size)
+    for batch in self._batches(params, self.num_images):
+      if not batch.examples:
+        continue  # This process counts none of the batch's rows.
+      patch_lex = batch.outputs
       if patch_lex.ndim != 3:
         raise ValueError(f"lexical_patches returned shape {patch_lex.shape}; expected [B, N, V]")
-      scores = class_scores(patch_lex, class_lex)  # [B, N, C]
+      examples = batch.examples
+      scores = class_scores(patch_lex, class_lex)  # [b, N, C]
       for start in range(0, len(examples), _PIXEL_CHUNK):
         chunk = examples[start : start + _PIXEL_CHUNK]
-        maps = pixel_scores(scores[start : start + _PIXEL_CHUNK], images.shape[1])
         target = np.stack([pixel_targets(ex["mask"], ex[self.attribute]) for ex in chunk])
+        maps = pixel_scores(scores[start : start + _PIXEL_CHUNK], target.shape[1])
         pred = labels_with_background(maps, self.background_threshold)
         full += confusion_matrix(pred, target, num_classes + 1)
         objects += confusion_matrix(np.argmax(maps, axis=-1), target - 1, num_classes)
-    return full, objects
+    # Each process counted the rows it owns: the sums are the counts of the whole split.
+    return sum_over_processes(full), sum_over_processes(objects)
 
   def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """`{"miou", "miou_objects", "pixel_acc"}` in percent."""
@@ -578,6 +642,12 @@ class LexicalWordsEvaluator:
     self.ignore = ignored_ids(tokenizer, list(ignore_words))
     self.source = source
     self.num_images = len(source) if max_images is None else min(len(source), int(max_images))
+    self._batches = _SplitBatches(lexical_image_fn, source, self.batch_size)
+
+  @property
+  def decoded(self) -> int:
+    """Examples (images) this process has loaded so far (its rows only, on several processes)."""
+    return self._batches.decoded
 
   def run(self, params: Any, step: int | None = None) -> dict[str, float]:
     """`{"precision_at_{k}", "recall_at_{k}" (percent), "active"}`."""
@@ -587,22 +657,32 @@ class LexicalWordsEvaluator:
       raise ConfigError(
         f"evaluator {self.name!r}: k={self.k} exceeds the lexicon's {len(lexicon_ids)} words"
       )
-    precision, recall, active = [], [], []
-    for examples, images in _image_batches(self.source, self.num_images, self.batch_size):
-      image_lex = _call_padded(self._image, params, (images,), self.batch_size)
-      if image_lex.shape != (len(examples), len(lexicon_ids)):
+    # Per-image counts, filled at the rows this process counts and summed over the processes.
+    hits = np.zeros(self.num_images, np.int64)
+    num_words = np.zeros(self.num_images, np.int64)
+    active = np.zeros(self.num_images, np.int64)
+    for batch in self._batches(params, self.num_images):
+      if not batch.examples:
+        continue  # This process counts none of the batch's rows.
+      image_lex, examples = batch.outputs, batch.examples
+      if image_lex.ndim != 2 or image_lex.shape[1] != len(lexicon_ids):
         raise ValueError(
           f"lexical_image returned shape {image_lex.shape}; expected [B, {len(lexicon_ids)}]"
         )
       words = caption_word_ids(self._tokenizer, [ex["captions"] for ex in examples], self.ignore)
-      hits = word_hits(top_lexicon_ids(image_lex, lexicon_ids, self.k), words)
-      precision.append(hits / self.k)
-      recall.extend(h / len(w) for h, w in zip(hits, words) if w)
-      active.append(np.sum(image_lex > 0, axis=1))
+      hits[batch.rows] = word_hits(top_lexicon_ids(image_lex, lexicon_ids, self.k), words)
+      num_words[batch.rows] = [len(w) for w in words]
+      active[batch.rows] = np.sum(image_lex > 0, axis=1)
+    hits, num_words, active = (sum_over_processes(x) for x in (hits, num_words, active))
+    has_words = num_words > 0
     return {
-      f"precision_at_{self.k}": float(100.0 * np.mean(np.concatenate(precision))),
-      f"recall_at_{self.k}": float(100.0 * np.mean(recall)) if recall else float("nan"),
-      "active": float(np.mean(np.concatenate(active))),
+      f"precision_at_{self.k}": float(100.0 * np.mean(hits / self.k)),
+      f"recall_at_{self.k}": (
+        float(100.0 * np.mean(hits[has_words] / num_words[has_words]))
+        if has_words.any()
+        else float("nan")
+      ),
+      "active": float(np.mean(active)),
     }
 
 
