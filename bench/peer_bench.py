@@ -200,7 +200,7 @@ def our_config(args):
 def run_ours(args) -> dict:
   import jax
 
-  from vlalign import perf, sharding, testing, trainer
+  from vlalign import sharding, testing, trainer
 
   config = our_config(args)
   setup = trainer.build(config, data=False)
@@ -208,7 +208,7 @@ def run_ours(args) -> dict:
   start = time.perf_counter()
   compiled = trainer.lower_step(setup).compile()
   compile_s = time.perf_counter() - start
-  flops = perf.step_flops(compiled)
+  flops = trainer.step_flops(setup, compiled)
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   box = {"state": state, "metrics": None}
 

@@ -56,7 +56,7 @@ def bench(config, steps: int, peak: perf.Peak) -> dict:
     compiled = trainer.lower_step(setup).compile()
   compile_s = time.perf_counter() - start
   memory = trainer.log_memory_analysis(compiled)
-  flops = perf.step_flops(compiled)
+  flops = trainer.step_flops(setup, compiled)
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   with jax.set_mesh(setup.mesh):
     state, metrics = compiled(state, batch)

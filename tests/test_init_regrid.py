@@ -8,7 +8,7 @@ import pytest
 
 from configs import albef
 from vlalign import checkpoint, pytrees, trainer
-from vlalign.models import vit
+from vlalign.models import scan, vit
 
 POS = "image_encoder/pos_embedding"
 
@@ -103,3 +103,40 @@ def test_position_table_of_another_layout_is_refused(saved):
   message = r"pos_embedding: checkpoint \(4, 4, 32\) vs config \(37, 32\)"
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=message):
     trainer.fresh_state(setup, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("root_entry", [False, True], ids=["per_subtree", "root"])
+def test_unrolled_blocks_initialise_scanned_layers_and_back(tmp_path, saved, root_entry):
+  """An unrolled run initialises a model with scanned layers (blocks stacked, position table
+  resized on the way) and that model's checkpoint initialises an unrolled one again: every array
+  equal to the source's after `scan.stack_layers` / `unstack_layers`."""
+  workdir, source = saved(False)
+  config = _tiny(48, False)
+  config.model.scan_layers = True
+  config = _init_everything_from(config, workdir, source, root_entry)
+  setup = trainer.build(config, data=False)
+  state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
+  scanned = pytrees.named_leaves(jax.device_get(state.params)[pytrees.PARAMS])
+  stacked_source = pytrees.named_leaves(scan.stack_layers(source)[pytrees.PARAMS])
+  assert set(scanned) == set(stacked_source)
+  assert any("/blocks/" in name for name in scanned)
+  for name, value in stacked_source.items():
+    if name != POS:
+      np.testing.assert_array_equal(scanned[name], value, err_msg=name)
+  assert scanned[POS].shape == (
+    6,
+    6,
+    source[pytrees.PARAMS]["image_encoder"]["pos_embedding"].shape[-1],
+  )
+
+  scanned_dir = tmp_path / "scanned"
+  ckpt = checkpoint.Checkpointer(str(scanned_dir / "checkpoints"), async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  back = _init_everything_from(_tiny(48, False), scanned_dir, source, root_entry)
+  loaded = trainer.fresh_state(trainer.build(back, data=False), jax.random.PRNGKey(1))
+  unrolled = pytrees.named_leaves(jax.device_get(loaded.params)[pytrees.PARAMS])
+  expected = pytrees.named_leaves(scan.unstack_layers(jax.device_get(state.params))[pytrees.PARAMS])
+  assert set(unrolled) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(unrolled[name], value, err_msg=name)

@@ -149,10 +149,9 @@ class StepCost(NamedTuple):
   peak: Peak
 
 
-def step_cost(compiled: Any, peak_override: float | None = None) -> StepCost:
-  """FLOPs and device peak of a compiled step, logged once; says once why MFU will not be
-  reported when either is unknown."""
-  flops = step_flops(compiled)
+def step_cost(flops: float | None, peak_override: float | None = None) -> StepCost:
+  """A step's FLOPs per device (`trainer.step_flops`) and the device peak, logged once; says once
+  why MFU will not be reported when either is unknown."""
   peak = device_peak(peak_override)
   kind = jax.devices()[0].device_kind
   if flops is None:

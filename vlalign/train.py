@@ -98,7 +98,7 @@ def main(argv):
     compiled = trainer.lower_step(setup).compile()
     memory = trainer.log_memory_analysis(compiled)
     print(f"compiled {config.get('name', '')}: per-device memory (MiB) {memory}")
-    flops = perf.step_flops(compiled)
+    flops = trainer.step_flops(setup, compiled)
     if flops is not None:
       print(f"train step: {flops / 1e9:.4g} GFLOP per device")
     return

@@ -23,8 +23,10 @@ Hugging Face importer and exporter (`vlalign/weights/hf.py`) use them to read an
 per-layer tensors of a scanned tower.
 """
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +37,9 @@ from vlalign.errors import ConfigError
 
 STACKED = "blocks"  # the sub-tree of a scanned block stack; leaves `[depth, *shape]`
 UNROLLED = re.compile(r"block_(\d+)")  # one unrolled block's sub-tree, `block_{i}`
+
+# True inside `unrolled_scans()`: `scan_blocks` traces its layers unrolled.
+_UNROLL = contextvars.ContextVar("vlalign_unroll_scans", default=False)
 
 # `model.remat_policy` -> the `jax.checkpoint` policy (None: save nothing but the inputs).
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
@@ -80,6 +85,19 @@ def remat_block(block_cls: type[nn.Module], remat: bool, policy: str, static_arg
   return nn.remat(block_cls, static_argnums=static_argnums, policy=checkpoint_policy(policy))
 
 
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+  """Within this context `scan_blocks` traces its `depth` layers unrolled (`nn.scan`'s
+  `unroll=depth`): the same function of the same stacked parameters, but one copy of the block per
+  layer in the program. For counting: XLA's cost analysis counts a loop's body once, so the FLOPs
+  of a scanned step are read from a lowering traced here (`trainer.step_flops`)."""
+  token = _UNROLL.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL.reset(token)
+
+
 def scan_blocks(
   block: nn.Module,
   x: jax.Array,
@@ -121,6 +139,7 @@ def scan_blocks(
     split_rngs={"params": True, "dropout": True},
     in_axes=(nn.broadcast,) * len(args),
     length=depth,
+    unroll=depth if _UNROLL.get() else 1,
   )
   x, _ = scanned(block, x, *args)
   return x

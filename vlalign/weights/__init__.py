@@ -18,6 +18,9 @@ ViT position table (`RESIZABLE_POSITIONS`: `image_encoder/pos_embedding` of a `v
 stored for another patch grid is resized to the configured one with the tower's
 `pos_interpolation` (`fit_positions`), as ALBEF/TCL fine-tune retrieval at 384 px from their
 256 px pre-training (`interpolate_pos_embed`). Its CLS (and distillation) rows are kept as stored.
+The layout of the blocks may differ too: a run with unrolled blocks (`block_0` ...) initialises a
+model with scanned layers (`model.scan_layers`: stacked `blocks`) and the other way round; the
+stored blocks are read as stored and converted (`scan.stack_layers` / `scan.unstack_layers`).
 
 Loaded values replace the random initialisation before anything derived from the parameters (an
 EMA teacher, the optimizer state) is made. They apply to a fresh run only: a run resuming from its
@@ -35,7 +38,7 @@ from vlalign import checkpoint as ckpt_lib
 from vlalign import pytrees
 from vlalign import workdir as workdir_lib
 from vlalign.errors import ConfigError, PathError
-from vlalign.models import vit
+from vlalign.models import scan, vit
 from vlalign.registry import Registry
 
 # (entry fields, target keys, abstract target sub-tree, config.model) -> the sub-tree's values.
@@ -131,6 +134,46 @@ def _stored_shapes(ckpt: Any, step: int, source: tuple[str, ...]) -> dict[str, t
   return {name: tuple(leaf.shape) for name, leaf in pytrees.named_leaves(stored).items()}
 
 
+def _layout_change(abstract: Any, stored_names: Any) -> str | None:
+  """ "stack" when the target has scanned (stacked) blocks and the stored sub-tree unrolled ones,
+  "unstack" for the other way round, else None."""
+  parts = {part for name in stored_names for part in name.split("/")}
+  stored_unrolled = any(scan.UNROLLED.fullmatch(part) for part in parts)
+  if scan.has_stacked_layers(abstract):
+    return "stack" if stored_unrolled and scan.STACKED not in parts else None
+  return "unstack" if scan.STACKED in parts else None
+
+
+def _in_stored_layout(abstract: Any, change: str | None) -> Any:
+  """`abstract` (ShapeDtypeStructs) converted to the stored layout of the blocks, replicated."""
+  if change is None:
+    return abstract
+  convert = scan.unstack_layers if change == "stack" else scan.stack_layers
+  mesh_leaf = next(
+    (x for x in jax.tree.leaves(abstract) if getattr(x, "sharding", None) is not None), None
+  )
+  replicated = (
+    jax.sharding.NamedSharding(mesh_leaf.sharding.mesh, jax.sharding.PartitionSpec())
+    if mesh_leaf is not None and isinstance(mesh_leaf.sharding, jax.sharding.NamedSharding)
+    else None
+  )
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), convert(abstract)
+  )
+
+
+def _to_target_layout(values: Any, abstract: Any, change: str | None) -> Any:
+  """Restored `values` (in the stored layout) converted to `abstract`'s and placed on its
+  shardings."""
+  if change is None:
+    return values
+  from vlalign.weights.hf import place  # noqa: PLC0415 - hf imports this module
+
+  host = jax.tree.map(np.asarray, values)
+  converted = scan.stack_layers(host) if change == "stack" else scan.unstack_layers(host)
+  return jax.tree.map(place, converted, abstract)
+
+
 def _as_stored(leaf: Any, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
   """`leaf` (a ShapeDtypeStruct) with the stored `shape`, replicated over its mesh: the stored
   grid need not divide as the target's would."""
@@ -168,8 +211,10 @@ def load_from_checkpoint(
     if step not in steps:
       raise ConfigError(f"config.init: no step {step} in {directory}; available: {steps}")
     source = split_path(entry["source"], "init.source") if entry.get("source") else target
+    stored = _stored_shapes(ckpt, step, source)
+    change = _layout_change(abstract, stored)
+    target_abstract, abstract = abstract, _in_stored_layout(abstract, change)
     resizable = _resizable_leaves(target, abstract, model_config)
-    stored = _stored_shapes(ckpt, step, source) if resizable else {}
     # Another grid of the same layout (rank, width) is read as stored, then resized; any other
     # difference is left to `restore_subtree`, which names the parameter.
     regrid = {
@@ -192,6 +237,9 @@ def load_from_checkpoint(
     ckpt.close()
   if regrid:
     values = _regrid(values, abstract, regrid, resizable, target)
+  if change:
+    logging.info("init: params/%s: blocks converted (%s) to the model's layout", target, change)
+  values = _to_target_layout(values, target_abstract, change)
   logging.info(
     "init: params/%s (%.2fM parameters) from %s step %d (params/%s)",  # "" = every parameter
     "/".join(target),
