@@ -91,6 +91,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True  # one compiled block per tower: ~3x faster compiles
     c.mesh = dict(data=-1, fsdp=1)
     # Image-text tar shards (`data.paths.web`: WIT is not public; CC12M / LAION as img2dataset
     # writes them) and COCO / Flickr30k tests; unset or missing paths stop the run.
