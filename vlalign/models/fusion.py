@@ -17,7 +17,14 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.models import scan
-from vlalign.models.layers import PARAM_DTYPE, Dtype, MlpBlock, attention, key_padding_mask
+from vlalign.models.layers import (
+  PARAM_DTYPE,
+  Dtype,
+  MlpBlock,
+  attention,
+  gelu,
+  key_padding_mask,
+)
 
 STYLES = ("pre_ln", "post_ln")
 
@@ -183,7 +190,7 @@ class MLMHead(nn.Module):
     """x `[B, L, D]`, embedding `[V, D]` or None -> logits `[B, L, V]` float32."""
     width = x.shape[-1]
     h = nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="transform")(x)
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln")(h)
     if embedding is None:
       logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="decoder")(

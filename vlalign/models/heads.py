@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlalign.models.layers import PARAM_DTYPE, Dtype
+from vlalign.models.layers import PARAM_DTYPE, Dtype, gelu
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
@@ -35,7 +35,7 @@ class Projection(nn.Module):
       features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
     if self.hidden is not None:
-      x = nn.gelu(dense(self.hidden, "hidden")(x), approximate=False)
+      x = gelu(dense(self.hidden, "hidden")(x))
     return dense(self.embed_dim, "out")(x)
 
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from vlalign.errors import ConfigError
 from vlalign.models import MODELS, build_tower, scan
 from vlalign.models.heads import Projection, l2_normalize
-from vlalign.models.layers import PARAM_DTYPE, Encoder
+from vlalign.models.layers import PARAM_DTYPE, Encoder, gelu
 
 Batch = dict[str, jax.Array]
 Outputs = dict[str, jax.Array]
@@ -81,7 +81,7 @@ class ResidualMapper(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = dict(dtype=self.dtype, param_dtype=PARAM_DTYPE)
-    y = nn.gelu(nn.Dense(self.hidden, name="hidden", **dense)(x), approximate=False)
+    y = gelu(nn.Dense(self.hidden, name="hidden", **dense)(x))
     y = nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros, name="out", **dense)(y)
     return x + y
 

@@ -1,0 +1,77 @@
+"""`vlalign/models/layers.py` against plain numpy references: the exact GELU (`layers.gelu`, the
+erf form) and the attention (`layers.attention`: parameters, masks, dropout in training)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlalign.models import layers
+
+
+def test_gelu_is_exact():
+  x = np.concatenate([np.linspace(-12, 12, 4001), [-30.0, -6.5, 0.0, 1e-4, 6.5, 30.0]])
+  ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+  got = np.asarray(layers.gelu(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+  old = np.asarray(jax.nn.gelu(jnp.asarray(x, jnp.float32), approximate=False), np.float64)
+  np.testing.assert_allclose(got, old, rtol=1e-6, atol=1e-6)
+  assert layers.activation_fn("gelu") is layers.gelu
+  grad = jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x, jnp.float32))
+  pdf = np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+  cdf = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+  np.testing.assert_allclose(np.asarray(grad, np.float64), cdf + x * pdf, rtol=1e-5, atol=1e-6)
+  assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _attention_ref(params, xq, xk, mask, heads):
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+  q = np.einsum("bld,dhk->blhk", xq, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bld,dhk->blhk", xk, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("bld,dhk->blhk", xk, p["value"]["kernel"]) + p["value"]["bias"]
+  logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(np.asarray(mask), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  y = np.einsum("bhqs,bshk->bqhk", probs, v)
+  return np.einsum("bqhk,hkd->bqd", y, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("kind", ["none", "causal_padding", "cross_padding"])
+def test_attention_matches_numpy(kind):
+  rng = np.random.default_rng(1)
+  batch, length, width, heads = 3, 6, 12, 3
+  xq = rng.normal(size=(batch, length, width)).astype(np.float32)
+  xk = xq if kind != "cross_padding" else rng.normal(size=(batch, 4, 8)).astype(np.float32)
+  lengths = np.array([xk.shape[1], 3, 1])
+  padding = layers.key_padding_mask(jnp.asarray(np.arange(xk.shape[1]) < lengths[:, None]))
+  mask = None if kind == "none" else padding
+  if kind == "causal_padding":
+    mask = padding & layers.causal_mask(length)
+  module = layers.attention(heads, 0.0, jnp.float32, False)
+  args = (xq,) if kind != "cross_padding" else (xq, xk)
+  variables = module.init(jax.random.PRNGKey(0), *args, mask=mask)
+  # The parameters of Flax's module (checkpoints and the Hugging Face importer rely on them).
+  flax_module = nn.MultiHeadDotProductAttention(num_heads=heads, force_fp32_for_softmax=True)
+  flax_vars = flax_module.init(jax.random.PRNGKey(0), *args, mask=mask)
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, flax_vars)
+  got = module.apply(variables, *args, mask=mask)
+  want = _attention_ref(variables["params"], xq, xk, mask, heads)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, flax_module.apply(variables, *args, mask=mask), atol=1e-5)
+
+
+def test_attention_dropout_in_training():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  module = layers.attention(2, 0.5, jnp.float32, True)
+  variables = module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)
+  run = lambda seed: module.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(run(2), run(2))
+  assert not np.allclose(run(2), run(3))
+  evaluate = layers.attention(2, 0.5, jnp.float32, False).apply(variables, x)
+  want = _attention_ref(variables["params"], np.asarray(x), np.asarray(x), None, 2)
+  np.testing.assert_allclose(evaluate, want, rtol=1e-5, atol=1e-5)
