@@ -226,9 +226,12 @@ def test_itm_negatives_come_from_the_own_group():
     assert np.all(neg_text != np.arange(batch_size)) and np.all(neg_image != np.arange(batch_size))
 
 
+@pytest.mark.slow
 def test_grouped_tcl_step_on_8_devices_equals_one_device():
   """The whole TCL step (ITM sampling in groups, every loss grouped) with groups of 4 that do not
-  align with the 8 devices' shards of 2: same loss and parameters on 8 devices and on 1."""
+  align with the 8 devices' shards of 2: same loss and parameters on 8 devices and on 1. Three
+  compilations of the TCL step (~2 minutes), so marked slow: each grouped loss is checked on 8
+  devices above, and the ungrouped TCL step in tests/test_albef.py."""
   setup = _tcl_grouped(4)
   batch = testing.synthetic_batch(setup.spec, 1)
   state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
