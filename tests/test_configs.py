@@ -65,8 +65,9 @@ def test_full_config_builds_and_train_step_lowers(name):
 def test_full_tcl_train_step_compiles():
   """The published ViT-B/16 + BERT-base (6 + 6) sizes with every ALBEF/TCL part (teacher, queues,
   fusion, ITM, MLM, the six contrastive terms) compile on the 8 simulated devices. A per-device
-  batch of 2; the full batch changes array sizes, not the program. ~2.5 minutes of XLA CPU
-  compilation on 2 cores, so it is marked slow: `python -m pytest -m slow tests`.
+  batch of 2; the full batch changes array sizes, not the program. With the full config's scanned
+  layers ~1-2 minutes of XLA CPU compilation on 2 cores (~3x that unrolled; docs/results.md), so
+  it is marked slow: `python -m pytest -m slow tests`.
   `bench/compile_full.py` compiles every full config at its real batch."""
   config = _offline(_config("tcl", "full"))
   config.batch_size = 2 * jax.device_count()
