@@ -206,9 +206,10 @@ def run_ours(args) -> dict:
   setup = trainer.build(config, data=False)
   state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
   start = time.perf_counter()
-  compiled = trainer.lower_step(setup).compile()
+  lowered = trainer.lower_step(setup)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = trainer.step_flops(setup, compiled)
+  flops = trainer.step_flops(setup, lowered, compiled)
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   box = {"state": state, "metrics": None}
 

@@ -53,10 +53,11 @@ def bench(config, steps: int, peak: perf.Peak) -> dict:
   state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
   start = time.perf_counter()
   with perf.CacheHits() as cache:
-    compiled = trainer.lower_step(setup).compile()
+    lowered = trainer.lower_step(setup)
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   memory = trainer.log_memory_analysis(compiled)
-  flops = trainer.step_flops(setup, compiled)
+  flops = trainer.step_flops(setup, lowered, compiled)
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   with jax.set_mesh(setup.mesh):
     state, metrics = compiled(state, batch)

@@ -340,21 +340,16 @@ def test_a_scanned_step_counts_the_flops_of_every_layer():
   """XLA's cost analysis counts a loop's body once; `trainer.step_flops` adds the other layers'
   FLOPs, from lowerings, to within ~1% of the unrolled step's compiled count."""
   from configs import clip
-  from vlalign import trainer
+  from vlalign import perf, trainer
 
   counts = {}
   for scan_layers in (False, True):
     config = clip.get_config("tiny")
     config.model.update(scan_layers=scan_layers, image=dict(config.model.image, depth=3))
     setup = trainer.build(config, data=False)
-    compiled = trainer.lower_step(setup).compile()
-    counts[scan_layers] = trainer.step_flops(setup, compiled), perf_count(compiled)
+    lowered = trainer.lower_step(setup)
+    compiled = lowered.compile()
+    counts[scan_layers] = trainer.step_flops(setup, lowered, compiled), perf.step_flops(compiled)
   (unrolled, _), (scanned, raw) = counts[False], counts[True]
   assert raw < 0.9 * unrolled  # the loop's body counted once
   assert scanned == pytest.approx(unrolled, rel=0.02)  # lowered vs compiled counts: ~1%
-
-
-def perf_count(compiled):
-  from vlalign import perf
-
-  return perf.step_flops(compiled)

@@ -149,6 +149,17 @@ def host_fn(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   return call
 
 
+def rows_to_load(fn: Callable[..., Any], batch_size: int) -> np.ndarray | None:
+  """The positions of a `[batch_size, ...]` batch this process loads for `fn`: those its devices
+  hold, for a function that tells them (`process_rows`, as `host_fn` gives), or None for the
+  whole batch (one process, or a plain function)."""
+  fn_rows = getattr(fn, "process_rows", None)
+  if fn_rows is None:
+    return None
+  positions = np.asarray(fn_rows(batch_size), np.int64)
+  return None if len(positions) == batch_size else positions
+
+
 def union_over_processes(indices: Any) -> np.ndarray:
   """The sorted union of every process's `indices` (int, possibly of different lengths); every
   process must call it. One process: `np.unique(indices)`, no communication.

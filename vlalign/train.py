@@ -95,10 +95,11 @@ def main(argv):
     print(trainer.describe_params(setup.abstract_state.params, setup.frozen))
     for warning in setup.warnings:
       print(f"warning: {warning}")
-    compiled = trainer.lower_step(setup).compile()
+    lowered = trainer.lower_step(setup)
+    compiled = lowered.compile()
     memory = trainer.log_memory_analysis(compiled)
     print(f"compiled {config.get('name', '')}: per-device memory (MiB) {memory}")
-    flops = trainer.step_flops(setup, compiled)
+    flops = trainer.step_flops(setup, lowered, compiled)
     if flops is not None:
       print(f"train step: {flops / 1e9:.4g} GFLOP per device")
     return

@@ -243,26 +243,26 @@ def lower_step(setup: Setup) -> Any:
     return setup.train_step.lower(setup.abstract_state, setup.spec)
 
 
-def step_flops(setup: Setup, compiled: Any) -> float | None:
-  """FLOPs per device of one train step (`perf.step_flops` of `compiled`, XLA's count).
+def step_flops(setup: Setup, lowered: Any, compiled: Any) -> float | None:
+  """FLOPs per device of one train step (`perf.step_flops` of `compiled`, XLA's count), given the
+  step's `lowered` program (`lower_step`) and its compiled executable.
 
   XLA's cost analysis counts a loop's body once, so for a model with scanned layers
   (`model.scan_layers`) the compiled count misses all layers but one of each tower. The step is
-  then lowered twice more, abstractly: as it is and with the scans traced unrolled
-  (`scan.unrolled_scans`, the same function and parameters). The difference of the two lowered
-  (unpartitioned, global) programs' counts is what the loops' other iterations compute; split
-  over the devices (the blocks are data-parallel: each device runs its share of the batch), it
-  is added to the compiled count (within ~1% of the unrolled step's compiled count,
-  tests/test_scan.py). Lowering only: no second compile."""
+  then lowered once more, abstractly, with the scans traced unrolled (`scan.unrolled_scans`, the
+  same function and parameters). The difference of the two lowered (unpartitioned, global)
+  programs' counts is what the loops' other iterations compute; split over the devices (the
+  blocks are data-parallel: each device runs its share of the batch), it is added to the compiled
+  count (within ~1% of the unrolled step's compiled count, tests/test_scan.py). Lowering only: no
+  second compile."""
   flops = perf.step_flops(compiled)
   if flops is None or not setup.config.model.get("scan_layers"):
     return flops
-  with jax.set_mesh(setup.mesh):
-    scanned = perf.step_flops(setup.train_step.lower(setup.abstract_state, setup.spec))
-    with scan.unrolled_scans():
-      # A fresh function object, so that jax traces again instead of reusing the scanned trace.
-      unrolled_step = jax.jit(lambda state, batch: setup.step_fn(state, batch))
-      unrolled = perf.step_flops(unrolled_step.lower(setup.abstract_state, setup.spec))
+  scanned = perf.step_flops(lowered)
+  with scan.unrolled_scans(), jax.set_mesh(setup.mesh):
+    # A fresh function object, so that jax traces again instead of reusing the scanned trace.
+    unrolled_step = jax.jit(lambda state, batch: setup.step_fn(state, batch))
+    unrolled = perf.step_flops(unrolled_step.lower(setup.abstract_state, setup.spec))
   if scanned is None or unrolled is None:
     return None
   return flops + (unrolled - scanned) / jax.device_count()
@@ -660,11 +660,13 @@ def _train_loop(
   evaluators = build_evaluators(setup, workdir)
   compile_start = time.perf_counter()
   with perf.CacheHits() as cache:
-    compiled_step = lower_step(setup).compile()
+    lowered_step = lower_step(setup)
+    compiled_step = lowered_step.compile()
   cached = " (read from the persistent compilation cache)" if cache.count else ""
   logging.info("compiled the train step in %.1fs%s", time.perf_counter() - compile_start, cached)
   log_memory_analysis(compiled_step)
-  cost = perf.step_cost(step_flops(setup, compiled_step), peak_tflops)
+  cost = perf.step_cost(step_flops(setup, lowered_step, compiled_step), peak_tflops)
+  del lowered_step  # the program's text is not needed while training
 
   total = int(config.total_steps)
   writer = metrics_lib.MetricWriter(str(workdir))

@@ -83,9 +83,8 @@ import numpy as np
 
 from vlalign.errors import ConfigError
 from vlalign.evaluation.common import EVALUATORS, EvalContext, check_keys
-from vlalign.evaluation.retrieval import _positions_of_this_process
 from vlalign.evaluation.zeroshot import class_embeddings, prompts
-from vlalign.sharding import ProcessRows, owned_rows, sum_over_processes
+from vlalign.sharding import ProcessRows, owned_rows, rows_to_load, sum_over_processes
 
 # Task -> the example field holding each object's class (`shapes.ZEROSHOT_TASKS[task]` names the
 # classes and gives the default templates).
@@ -369,7 +368,7 @@ class _SplitBatches:
     if batch_size < 1:
       raise ValueError(f"batch_size must be positive; got {batch_size}")
     self._fn, self._source, self.batch_size = fn, source, int(batch_size)
-    self._local = _positions_of_this_process(fn, self.batch_size)  # None: the whole batch
+    self._local = rows_to_load(fn, self.batch_size)  # None: the whole batch
     self._positions = np.arange(self.batch_size) if self._local is None else self._local
     self._owned = None  # positions this process counts; a collective, so computed in __call__
     self.decoded = 0

@@ -36,7 +36,7 @@ from vlalign.evaluation.common import (
   check_keys,
   check_recall_candidates,
 )
-from vlalign.sharding import ProcessRows, union_over_processes
+from vlalign.sharding import ProcessRows, rows_to_load, union_over_processes
 
 TIE_RULES = ("optimistic", "pessimistic")
 DEFAULT_KS = (1, 5, 10)
@@ -172,17 +172,6 @@ def _take(array: Any, rows: np.ndarray) -> np.ndarray:
   return array[distinct][inverse.reshape(-1)]
 
 
-def _positions_of_this_process(encode_fn: Callable[..., Any], batch_size: int) -> Any:
-  """The positions of a `[batch_size, ...]` batch this process loads for `encode_fn`: those its
-  devices hold, for a function that tells them (`process_rows`, as `sharding.host_fn` gives),
-  or None for the whole batch (one process, or a plain function)."""
-  process_rows = getattr(encode_fn, "process_rows", None)
-  if process_rows is None:
-    return None
-  positions = np.asarray(process_rows(batch_size), np.int64)
-  return None if len(positions) == batch_size else positions
-
-
 def embed_in_batches(
   encode_fn: Callable[..., Any],
   params: Any,
@@ -220,7 +209,7 @@ def embed_in_batches(
     raise ValueError("need at least one row to embed")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}")
-  local = _positions_of_this_process(encode_fn, batch_size)
+  local = rows_to_load(encode_fn, batch_size)
   outputs = []
   for start in range(0, n, batch_size):
     batch_rows = rows[np.minimum(np.arange(start, start + batch_size), n - 1)]  # last one repeated

@@ -209,12 +209,16 @@ class Bert(nn.Module):
       dtype=self.dtype,
       lora=lora,
     )
-    if self.scan_layers:
-      self.layer_stack = PostLNBlock(**block, name=scan.STACKED)
-    else:
-      # static_argnums counts `self` as 0: (self, x, mask, train).
-      block_cls = scan.remat_block(PostLNBlock, self.remat, self.remat_policy, (3,))
-      self.blocks = [block_cls(**block, name=f"block_{i}") for i in range(self.depth)]
+    # train_argnum counts `self` as 0: (self, x, mask, train).
+    self.blocks = scan.make_blocks(
+      PostLNBlock,
+      block,
+      self.depth,
+      scan_layers=self.scan_layers,
+      remat=self.remat,
+      policy=self.remat_policy,
+      train_argnum=3,
+    )
     if self.pool == "pooler":
       self.pooler = nn.Dense(self.width, dtype=self.dtype, param_dtype=PARAM_DTYPE)
 
@@ -239,19 +243,15 @@ class Bert(nn.Module):
     """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
     x = self.embed(ids, train)
     attn_mask = key_padding_mask(mask)
-    if self.scan_layers:
-      x = scan.scan_blocks(
-        self.layer_stack,
-        x,
-        attn_mask,
-        depth=self.depth,
-        train=train,
-        remat=self.remat,
-        policy=self.remat_policy,
-      )
-    else:
-      for block in self.blocks:
-        x = block(x, attn_mask, train)
+    x = scan.apply_blocks(
+      self.blocks,
+      x,
+      attn_mask,
+      depth=self.depth,
+      train=train,
+      remat=self.remat,
+      policy=self.remat_policy,
+    )
     if self.pool == "pooler":
       cls = jnp.tanh(self.pooler(x[:, 0]))
     else:

@@ -136,23 +136,19 @@ class FusionEncoder(nn.Module):
       layer_norm_eps=self.layer_norm_eps,
     )
     x = text_tokens.astype(self.dtype)
-    if self.scan_layers:
-      x = scan.scan_blocks(
-        CrossAttentionBlock(**block, name=scan.STACKED),
-        x,
-        image_tokens,
-        self_mask,
-        cross_mask,
-        depth=self.depth,
-        train=train,
-        remat=self.remat,
-        policy=self.remat_policy,
-      )
-    else:
-      # static_argnums counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
-      block_cls = scan.remat_block(CrossAttentionBlock, self.remat, self.remat_policy, (5,))
-      for i in range(self.depth):
-        x = block_cls(**block, name=f"block_{i}")(x, image_tokens, self_mask, cross_mask, train)
+    options = dict(remat=self.remat, policy=self.remat_policy)
+    # train_argnum counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
+    blocks = scan.make_blocks(
+      CrossAttentionBlock,
+      block,
+      self.depth,
+      scan_layers=self.scan_layers,
+      train_argnum=5,
+      **options,
+    )
+    x = scan.apply_blocks(
+      blocks, x, image_tokens, self_mask, cross_mask, depth=self.depth, train=train, **options
+    )
     if self.style == "post_ln":
       return x
     return nn.LayerNorm(

@@ -176,21 +176,12 @@ class Encoder(nn.Module):
       layer_scale=self.layer_scale,
       layer_scale_init=self.layer_scale_init,
     )
-    if self.scan_layers:
-      x = scan.scan_blocks(
-        EncoderBlock(**block, name=scan.STACKED),
-        x,
-        mask,
-        depth=self.depth,
-        train=train,
-        remat=self.remat,
-        policy=self.remat_policy,
-      )
-    else:
-      # static_argnums counts `self` as 0: (self, x, mask, train).
-      block_cls = scan.remat_block(EncoderBlock, self.remat, self.remat_policy, (3,))
-      for i in range(self.depth):
-        x = block_cls(**block, name=f"block_{i}")(x, mask, train)
+    options = dict(remat=self.remat, policy=self.remat_policy)
+    # train_argnum counts `self` as 0: (self, x, mask, train).
+    blocks = scan.make_blocks(
+      EncoderBlock, block, self.depth, scan_layers=self.scan_layers, train_argnum=3, **options
+    )
+    x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)

@@ -216,12 +216,16 @@ class Llama(nn.Module):
       dtype=self.dtype,
       lora=lora,
     )
-    if self.scan_layers:
-      self.layer_stack = LlamaBlock(**block, name=scan.STACKED)
-    else:
-      # static_argnums counts `self` as 0: (self, x, mask, train).
-      block_cls = scan.remat_block(LlamaBlock, self.remat, self.remat_policy, (3,))
-      self.blocks = [block_cls(**block, name=f"block_{i}") for i in range(self.depth)]
+    # train_argnum counts `self` as 0: (self, x, mask, train).
+    self.blocks = scan.make_blocks(
+      LlamaBlock,
+      block,
+      self.depth,
+      scan_layers=self.scan_layers,
+      remat=self.remat,
+      policy=self.remat_policy,
+      train_argnum=3,
+    )
     self.ln_final = RMSNorm(self.norm_eps, self.dtype)
     if self.lm_head:
       self.output_embed = self.param(
@@ -245,18 +249,14 @@ class Llama(nn.Module):
       raise ConfigError(f"text length {length} exceeds model.text.max_len={self.max_len}")
     x = self.token_embed(ids)
     attn_mask = key_padding_mask(mask) & causal_mask(length)
-    if self.scan_layers:
-      x = scan.scan_blocks(
-        self.layer_stack,
-        x,
-        attn_mask,
-        depth=self.depth,
-        train=train,
-        remat=self.remat,
-        policy=self.remat_policy,
-      )
-    else:
-      for block in self.blocks:
-        x = block(x, attn_mask, train)
+    x = scan.apply_blocks(
+      self.blocks,
+      x,
+      attn_mask,
+      depth=self.depth,
+      train=train,
+      remat=self.remat,
+      policy=self.remat_policy,
+    )
     x = self.ln_final(x)
     return {"cls": pool_tokens(x, mask, self.pool), "tokens": x}

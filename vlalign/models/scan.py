@@ -26,7 +26,7 @@ per-layer tensors of a scanned tower.
 import contextlib
 import contextvars
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -96,6 +96,60 @@ def unrolled_scans() -> Iterator[None]:
     yield
   finally:
     _UNROLL.reset(token)
+
+
+def make_blocks(
+  block_cls: type[nn.Module],
+  fields: dict[str, Any],
+  depth: int,
+  *,
+  scan_layers: bool,
+  remat: bool,
+  policy: str,
+  train_argnum: int,
+) -> nn.Module | list[nn.Module]:
+  """A tower's `depth` blocks, created in the calling module (in its `setup`, or inline in a
+  compact `__call__`); run them with `apply_blocks`.
+
+  Args:
+    block_cls: the block's Linen class, called as `block(x, *args, train)`.
+    fields: its constructor's arguments.
+    depth: the number of blocks.
+    scan_layers: one `block_cls` named `STACKED`, whose parameters `scan_blocks` stacks; else
+      `block_0` ... `block_{depth-1}`.
+    remat, policy: recompute activations in the backward pass, keeping what `policy` allows.
+    train_argnum: the position of the blocks' `train` argument, `self` counted as 0 (static under
+      `nn.remat`).
+  """
+  if scan_layers:
+    return block_cls(**fields, name=STACKED)
+  block_cls = remat_block(block_cls, remat, policy, (train_argnum,))
+  return [block_cls(**fields, name=f"block_{i}") for i in range(depth)]
+
+
+def apply_blocks(
+  blocks: nn.Module | Sequence[nn.Module],
+  x: jax.Array,
+  *args: Any,
+  depth: int,
+  train: bool,
+  remat: bool = False,
+  policy: str = "full",
+) -> jax.Array:
+  """`x` through the blocks of `make_blocks`: scanned (`scan_blocks`) or one after the other.
+
+  Args:
+    blocks: `make_blocks`'s result.
+    x: `[B, L, D]` input of the first block.
+    *args: the other inputs of every block (masks, image tokens), the same for each.
+    depth, train, remat, policy: as in `scan_blocks` (only the scan uses `depth`, `remat` and
+      `policy`: unrolled blocks were made with them).
+  """
+  if isinstance(blocks, nn.Module):
+    return scan_blocks(blocks, x, *args, depth=depth, train=train, remat=remat, policy=policy)
+  for block in blocks:
+    x = block(x, *args, train)
+  return x
 
 
 def scan_blocks(
