@@ -59,6 +59,12 @@ class Method:
   """
 
   config_fields: tuple[str, ...] = ()
+  # Whether this method's losses read the student's token outputs (`img/tokens`, `txt/tokens`).
+  # When they do not, `forward` asks the model to leave them out, and the towers pooled from one
+  # token compute their last block for that token only (`TwoTower.__call__`'s `tokens`): the same
+  # pooled outputs for ~1/depth less work. A loss that reads them then fails with a KeyError
+  # naming the key; a subclass whose losses need them sets this True.
+  student_tokens: bool = False
 
   def __init__(self, config: Any, model: Any, tokenizer: Any):
     self.config = config
@@ -94,8 +100,11 @@ class Method:
     return LossContext(step=state.step, batch=batch, extras=state.extras, rngs=self.split_rngs(rng))
 
   def forward(self, params: Any, ctx: LossContext) -> Outputs:
-    """The student's outputs (with gradient) on `ctx.batch`."""
-    return self.model.apply(params, ctx.batch, train=True, rngs={"dropout": ctx.rngs["dropout"]})
+    """The student's outputs (with gradient) on `ctx.batch` (without the token outputs unless
+    `student_tokens`)."""
+    options = {} if self.student_tokens else {"tokens": False}
+    rngs = {"dropout": ctx.rngs["dropout"]}
+    return self.model.apply(params, ctx.batch, train=True, rngs=rngs, **options)
 
   def after_update(self, ctx: LossContext, outputs: Outputs, params: Any) -> dict[str, Any]:
     """The new `TrainState.extras` after the optimizer update.
@@ -126,11 +135,12 @@ class Method:
     them on the mesh): `encode_image(params, images [B, H, W, 3]) -> [B, E]` and
     `encode_text(params, ids [B, L], mask [B, L]) -> [B, E]`, L2-normalised embeddings."""
     model, cls = self.model, type(self.model)
+    options = {} if self.student_tokens else {"tokens": False}
 
     def encode_image(params, images):
-      return model.apply(params, images, method=cls.encode_image)["img/emb"]
+      return model.apply(params, images, **options, method=cls.encode_image)["img/emb"]
 
     def encode_text(params, ids, mask):
-      return model.apply(params, ids, mask, method=cls.encode_text)["txt/emb"]
+      return model.apply(params, ids, mask, **options, method=cls.encode_text)["txt/emb"]
 
     return {"encode_image": encode_image, "encode_text": encode_text}

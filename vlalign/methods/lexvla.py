@@ -39,6 +39,7 @@ class LexVLA(Method):
   """Lexical image-text alignment; see the module docstring."""
 
   config_fields = ("lexvla",)
+  student_tokens = True  # the lexical model's patch and word scores come from the tokens
 
   def validate(self) -> None:
     if self.config.model.get("name") != "lexvla":

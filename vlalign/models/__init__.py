@@ -5,7 +5,9 @@
   from `config.model`). An image tower maps
   `images [B, H, W, 3] -> {"cls": [B, D], "tokens": [B, N, D]}`, a text tower
   `(ids [B, L], mask [B, L]) -> {"cls": [B, D], "tokens": [B, L, D]}`; a text tower whose token
-  table can tie an MLM decoder also has `embedding_table() -> [V, D]`.
+  table can tie an MLM decoder also has `embedding_table() -> [V, D]`. A tower may take a
+  `tokens` argument: with `tokens=False` it returns `cls` alone and may skip the work only the
+  tokens need (`tower_outputs`).
 * `MODELS`: `model.name` names a registered composite (`two_tower`, `albef`) taking the
   `config.model` ConfigDict.
 
@@ -14,9 +16,11 @@ decorated with `@TOWERS.register("<kind>")`; no composite model changes.
 """
 
 import dataclasses
+import inspect
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from vlalign.errors import ConfigError
 from vlalign.registry import Registry
@@ -77,3 +81,19 @@ def build_model(model_config: Any) -> nn.Module:
   if "name" not in model_config:
     raise ConfigError(f"config.model needs a 'name'; registered models: {MODELS.names()}")
   return MODELS.get(model_config.name)(model_config)
+
+
+def tower_outputs(
+  tower: nn.Module, *inputs: jax.Array, train: bool, tokens: bool
+) -> dict[str, jax.Array]:
+  """A tower's `{"cls", "tokens"}` on `inputs`; with `tokens=False` its `cls` alone.
+
+  A tower whose `__call__` takes a `tokens` argument (`vit`, `text_transformer`) is told that its
+  tokens are not needed, and computes its last block for the pooled token only; any other tower
+  runs in full and its tokens are dropped here.
+  """
+  if tokens:
+    return tower(*inputs, train)
+  if "tokens" in inspect.signature(type(tower).__call__).parameters:
+    return tower(*inputs, train, tokens=False)
+  return {"cls": tower(*inputs, train)["cls"]}

@@ -31,6 +31,23 @@ def causal_mask(length: int) -> jax.Array:
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """`x[b, rows[b, k]]`: `[B, L, ...]`, int `[B, K]` -> `[B, K, ...]`."""
+  index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def query_rows_mask(mask: jax.Array | None, rows: jax.Array) -> jax.Array | None:
+  """The attention mask of the queries at `rows` only: `mask` broadcastable to
+  `[B, H, Lq, Lk]`, rows int `[B, K]` -> broadcastable to `[B, H, K, Lk]` (a mask that is the same
+  for every query, `[., ., 1, Lk]`, is returned as it is)."""
+  if mask is None or mask.shape[-2] == 1:
+    return mask
+  batch, heads, queries, keys = rows.shape[0], mask.shape[1], mask.shape[2], mask.shape[3]
+  mask = jnp.broadcast_to(mask, (batch, heads, queries, keys))
+  return jnp.take_along_axis(mask, rows[:, None, :, None], axis=2)
+
+
 _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 
 
@@ -124,11 +141,27 @@ class EncoderBlock(nn.Module):
     return y * self.param(name, init, (y.shape[-1],), PARAM_DTYPE).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]` (None: attend everywhere)."""
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    train: bool = False,
+    rows: jax.Array | None = None,
+  ) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]` (None: attend everywhere).
+
+    `rows` (int `[B, K]`, optional): compute the block's output at these positions only, `[B, K,
+    D]`: the queries come from them, the keys and values from every token, so each output row
+    equals the full block's row at that position (a last block whose other rows nobody reads).
+    """
     ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     y = nn.LayerNorm(**ln, name="ln_attn")(x)
-    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(y, mask=mask)
+    queries = y
+    if rows is not None:
+      x, queries, mask = take_rows(x, rows), take_rows(y, rows), query_rows_mask(mask, rows)
+    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(
+      queries, y, y, mask=mask
+    )
     x = x + nn.Dropout(self.dropout)(self._scale("ls_attn", y), deterministic=not train)
     y = nn.LayerNorm(**ln, name="ln_mlp")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(y, train)
@@ -163,8 +196,20 @@ class Encoder(nn.Module):
   scan_layers: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    train: bool = False,
+    rows: jax.Array | None = None,
+  ) -> jax.Array:
+    """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]` -> `[B, L, D]`.
+
+    With `rows` (int `[B, K]`) only those positions of the output are computed, `[B, K, D]`, equal
+    to the full output's rows there: the last block runs its queries, attention output and MLP on
+    these rows only (`EncoderBlock`'s `rows`), which is what a tower pooled from one token needs.
+    Scanned blocks (`scan_layers`) run in full and are then sliced: same values, no saving.
+    """
     block = dict(
       num_heads=self.num_heads,
       mlp_dim=self.mlp_dim,
@@ -181,7 +226,15 @@ class Encoder(nn.Module):
     blocks = scan.make_blocks(
       EncoderBlock, block, self.depth, scan_layers=self.scan_layers, train_argnum=3, **options
     )
-    x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
+    if rows is None:
+      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
+    elif self.scan_layers or not self.depth:
+      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
+      x = take_rows(x, rows)
+    else:
+      for block in blocks[:-1]:
+        x = block(x, mask, train)
+      x = blocks[-1](x, mask, train, rows)
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import MODELS, build_tower, scan
+from vlalign.models import MODELS, build_tower, scan, tower_outputs
 from vlalign.models.heads import Projection, l2_normalize
 from vlalign.models.layers import PARAM_DTYPE, Encoder, gelu
 
@@ -195,7 +195,7 @@ class LexicalModel(nn.Module):
   def encode_text(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> Outputs:
     """ids, mask `[B, L]` -> `txt/lex`, `txt/emb` `[B, V]`, `txt/cls` `[B, Dt]` (the tower's
     pooled state: the prediction position of a prompted causal LM)."""
-    pooled = self.text_encoder(ids, mask, train)["cls"]
+    pooled = tower_outputs(self.text_encoder, ids, mask, train=train, tokens=False)["cls"]
     lex = l2_normalize(self.word_scores(self.text_mapper(pooled), self.text_codebook()))
     return {"txt/cls": pooled, "txt/lex": lex, "txt/emb": lex}
 

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
-from vlalign.models import MODELS, build_tower, scan
+from vlalign.models import MODELS, build_tower, scan, tower_outputs
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Codebook, Projection, l2_normalize
 
@@ -167,22 +167,25 @@ class TwoTower(nn.Module):
     if c.get("codebook_size"):
       self.codebook = Codebook(int(c.codebook_size), int(c.embed_dim))
 
-  def encode_image(self, images: jax.Array, train: bool = False) -> Outputs:
+  def encode_image(self, images: jax.Array, train: bool = False, tokens: bool = True) -> Outputs:
     """images `[B, H, W, 3]` -> `img/cls` `[B, Di]`, `img/tokens` `[B, N, Di]`, `img/emb`
-    `[B, E]`."""
-    out = self.image_encoder(images, train)
+    `[B, E]`; without `img/tokens` when `tokens=False` (see `tower_outputs`)."""
+    out = tower_outputs(self.image_encoder, images, train=train, tokens=tokens)
     return {
       "img/cls": out["cls"],
-      "img/tokens": out["tokens"],
+      **({"img/tokens": out["tokens"]} if tokens else {}),
       "img/emb": l2_normalize(self.image_proj(out["cls"])),
     }
 
-  def encode_text(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> Outputs:
-    """ids, mask `[B, L]` -> `txt/cls` `[B, Dt]`, `txt/tokens` `[B, L, Dt]`, `txt/emb` `[B, E]`."""
-    out = self.text_encoder(ids, mask, train)
+  def encode_text(
+    self, ids: jax.Array, mask: jax.Array, train: bool = False, tokens: bool = True
+  ) -> Outputs:
+    """ids, mask `[B, L]` -> `txt/cls` `[B, Dt]`, `txt/tokens` `[B, L, Dt]`, `txt/emb` `[B, E]`;
+    without `txt/tokens` when `tokens=False` (see `tower_outputs`)."""
+    out = tower_outputs(self.text_encoder, ids, mask, train=train, tokens=tokens)
     return {
       "txt/cls": out["cls"],
-      "txt/tokens": out["tokens"],
+      **({"txt/tokens": out["tokens"]} if tokens else {}),
       "txt/emb": l2_normalize(self.text_proj(out["cls"])),
     }
 
@@ -201,11 +204,13 @@ class TwoTower(nn.Module):
       out["codebook"] = self.codebook()
     return out
 
-  def __call__(self, batch: Batch, train: bool = False) -> Outputs:
-    """batch with `image`, `text_ids`, `text_mask` -> the output dict (see the class docstring)."""
+  def __call__(self, batch: Batch, train: bool = False, tokens: bool = True) -> Outputs:
+    """batch with `image`, `text_ids`, `text_mask` -> the output dict (see the class docstring);
+    `tokens=False` leaves out `img/tokens` and `txt/tokens`, so that the towers may skip the work
+    only they need."""
     return {
-      **self.encode_image(batch["image"], train),
-      **self.encode_text(batch["text_ids"], batch["text_mask"], train),
+      **self.encode_image(batch["image"], train, tokens),
+      **self.encode_text(batch["text_ids"], batch["text_mask"], train, tokens),
       **self.scalars(),
     }
 
@@ -251,16 +256,24 @@ class ALBEFModel(TwoTower):
     self.itm_head = ITMHead(dtype=dtype)
     self.mlm_head = MLMHead(text.vocab_size, dtype=dtype)
 
-  def encode_image(self, images: jax.Array, train: bool = False) -> Outputs:
-    """`TwoTower.encode_image` + `img/all_tokens` `[B, 1+N, Di]`, `img/tokens_emb` `[B, N, E]`."""
-    out = super().encode_image(images, train)
+  def encode_image(self, images: jax.Array, train: bool = False, tokens: bool = True) -> Outputs:
+    """`TwoTower.encode_image` + `img/all_tokens` `[B, 1+N, Di]`, `img/tokens_emb` `[B, N, E]`
+    (with `tokens=False`, `TwoTower.encode_image`'s alone)."""
+    out = super().encode_image(images, train, tokens)
+    if not tokens:
+      return out
     out["img/all_tokens"] = jnp.concatenate([out["img/cls"][:, None], out["img/tokens"]], axis=1)
     out["img/tokens_emb"] = l2_normalize(self.image_proj(out["img/tokens"]))
     return out
 
-  def encode_text(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> Outputs:
-    """`TwoTower.encode_text` + `txt/tokens_emb` `[B, L, E]`."""
-    out = super().encode_text(ids, mask, train)
+  def encode_text(
+    self, ids: jax.Array, mask: jax.Array, train: bool = False, tokens: bool = True
+  ) -> Outputs:
+    """`TwoTower.encode_text` + `txt/tokens_emb` `[B, L, E]` (with `tokens=False`,
+    `TwoTower.encode_text`'s alone)."""
+    out = super().encode_text(ids, mask, train, tokens)
+    if not tokens:
+      return out
     out["txt/tokens_emb"] = l2_normalize(self.text_proj(out["txt/tokens"]))
     return out
 

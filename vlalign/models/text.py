@@ -6,7 +6,14 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS
-from vlalign.models.layers import PARAM_DTYPE, Dtype, Encoder, causal_mask, key_padding_mask
+from vlalign.models.layers import (
+  PARAM_DTYPE,
+  Dtype,
+  Encoder,
+  causal_mask,
+  key_padding_mask,
+  take_rows,
+)
 
 POOLS = ("first", "eos", "prompt_end", "mean", "last")
 
@@ -19,6 +26,20 @@ def text_attention_mask(mask: jax.Array, causal: bool) -> jax.Array:
   return attn
 
 
+def pool_index(mask: jax.Array, pool: str) -> jax.Array | None:
+  """The position each row is pooled from, int32 `[B]`, for the single-token pools (`first`,
+  `last`, `eos`, `prompt_end`; see `pool_tokens`); None for `mean`."""
+  if pool not in POOLS:
+    raise ConfigError(f"unknown text pool {pool!r}; choose one of {POOLS}")
+  batch, length = mask.shape
+  if pool == "mean":
+    return None
+  if pool in ("first", "last"):
+    return jnp.full((batch,), 0 if pool == "first" else length - 1, jnp.int32)
+  before_end = 1 if pool == "eos" else 2
+  return jnp.maximum(jnp.sum(mask > 0, axis=1) - before_end, 0).astype(jnp.int32)
+
+
 def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
   """`[B, L, D]` -> `[B, D]`.
 
@@ -28,21 +49,12 @@ def pool_tokens(tokens: jax.Array, mask: jax.Array, pool: str) -> jax.Array:
   tokens (0 for an empty row);
   `last`: the last position whatever the mask (SigLIP pads to a fixed length and pools there).
   """
-  if pool == "first":
-    return tokens[:, 0]
-  if pool == "last":
-    return tokens[:, -1]
-  if pool == "eos":
-    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 1, 0)
-    return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
-  if pool == "prompt_end":
-    last = jnp.maximum(jnp.sum(mask > 0, axis=1) - 2, 0)
-    return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
-  if pool == "mean":
-    weights = (mask > 0).astype(jnp.float32)[..., None]
-    total = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1)
-    return (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(tokens.dtype)
-  raise ConfigError(f"unknown text pool {pool!r}; choose one of {POOLS}")
+  index = pool_index(mask, pool)
+  if index is not None:
+    return take_rows(tokens, index[:, None])[:, 0]
+  weights = (mask > 0).astype(jnp.float32)[..., None]
+  total = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1)
+  return (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(tokens.dtype)
 
 
 @TOWERS.register("text_transformer")
@@ -123,8 +135,15 @@ class TextTransformer(nn.Module):
     """The float32 token embedding table `[V, D]` (for an MLM decoder tied to it)."""
     return self.token_embed.embedding
 
-  def __call__(self, ids: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`."""
+  def __call__(
+    self, ids: jax.Array, mask: jax.Array, train: bool = False, tokens: bool = True
+  ) -> dict[str, jax.Array]:
+    """ids `[B, L]` int32, mask `[B, L]` (1 real, 0 pad) -> `cls` `[B, D]`, `tokens` `[B, L, D]`.
+
+    With `tokens=False` only `cls` is returned; pooled from one token (every pool but `mean`), the
+    last block then computes that token's row alone (`Encoder`'s `rows`): the same `cls`, for
+    ~1/depth less work.
+    """
     length = ids.shape[1]
     if length > self.max_len:
       raise ConfigError(
@@ -134,8 +153,13 @@ class TextTransformer(nn.Module):
     x = self.token_embed(ids) + self.pos_embedding[:length].astype(self.dtype)
     x = self.embed_dropout(x, deterministic=not train)
     attend = jnp.ones_like(mask) if self.attend_padding else mask
-    x = self.encoder(x, text_attention_mask(attend, self.causal), train)
-    cls = pool_tokens(x, mask, self.pool)
+    attention_mask = text_attention_mask(attend, self.causal)
+    index = None if tokens else pool_index(mask, self.pool)
+    if index is None:
+      x = self.encoder(x, attention_mask, train)
+      cls = pool_tokens(x, mask, self.pool)
+    else:
+      cls = self.encoder(x, attention_mask, train, index[:, None])[:, 0]
     if self.head:
       cls = self.head_proj(cls)
-    return {"cls": cls, "tokens": x}
+    return {"cls": cls, "tokens": x} if tokens else {"cls": cls}

@@ -213,8 +213,15 @@ class ViT(nn.Module):
   scan_layers: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """images `[B, H, W, 3]` -> `{"cls": [B, D], "tokens": [B, N, D]}` (N = H W / p^2, no CLS)."""
+  def __call__(
+    self, images: jax.Array, train: bool = False, tokens: bool = True
+  ) -> dict[str, jax.Array]:
+    """images `[B, H, W, 3]` -> `{"cls": [B, D], "tokens": [B, N, D]}` (N = H W / p^2, no CLS).
+
+    With `tokens=False` only `cls` is returned; pooled from the CLS token (`pool="cls"`), the last
+    block then computes the CLS row alone (`Encoder`'s `rows`): the same `cls`, for ~1/depth less
+    work.
+    """
     batch, height, width_px, _ = images.shape
     rows, cols = check_patch_grid(height, width_px, self.patch_size)
     grid = self.image_size // self.patch_size
@@ -271,6 +278,7 @@ class ViT(nn.Module):
         epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_pre"
       )(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    cls_only = not tokens and self.pool == "cls"
     x = Encoder(
       depth=self.depth,
       num_heads=self.num_heads,
@@ -286,14 +294,16 @@ class ViT(nn.Module):
       remat_policy=self.remat_policy,
       scan_layers=self.scan_layers,
       name="encoder",
-    )(x, None, train)
-    tokens = x[:, int(self.class_token) + int(self.distillation_token) + self.num_registers :]
+    )(x, None, train, jnp.zeros((batch, 1), jnp.int32) if cls_only else None)
+    if cls_only:
+      return {"cls": x[:, 0]}
+    patches = x[:, int(self.class_token) + int(self.distillation_token) + self.num_registers :]
     if self.pool == "cls":
       cls = x[:, 0]
     elif self.pool == "map":
       cls = MAPHead(
         self.num_heads, self.mlp_dim, self.layer_norm_eps, self.activation, self.dtype, name="map"
-      )(tokens)
+      )(patches)
     else:
-      cls = jnp.mean(tokens, axis=1)
-    return {"cls": cls, "tokens": tokens}
+      cls = jnp.mean(patches, axis=1)
+    return {"cls": cls, "tokens": patches} if tokens else {"cls": cls}
