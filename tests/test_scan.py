@@ -346,9 +346,6 @@ def test_a_scanned_step_counts_the_flops_of_every_layer():
   for scan_layers in (False, True):
     config = clip.get_config("tiny")
     config.model.update(scan_layers=scan_layers, image=dict(config.model.image, depth=3))
-    # Towers that run every block in full in both layouts: pooled from the CLS / EOS token, an
-    # unrolled tower computes its last block for that token only (tests/test_pooled_only.py).
-    config.model.image.pool, config.model.text.pool = "gap", "mean"
     setup = trainer.build(config, data=False)
     lowered = trainer.lower_step(setup)
     compiled = lowered.compile()

@@ -207,8 +207,8 @@ class Encoder(nn.Module):
 
     With `rows` (int `[B, K]`) only those positions of the output are computed, `[B, K, D]`, equal
     to the full output's rows there: the last block runs its queries, attention output and MLP on
-    these rows only (`EncoderBlock`'s `rows`), which is what a tower pooled from one token needs.
-    Scanned blocks (`scan_layers`) run in full and are then sliced: same values, no saving.
+    these rows only (`EncoderBlock`'s `rows`), which is what a tower pooled from one token needs;
+    with scanned blocks the scan runs the layers before it (`scan.scan_blocks`).
     """
     block = dict(
       num_heads=self.num_heads,
@@ -226,15 +226,11 @@ class Encoder(nn.Module):
     blocks = scan.make_blocks(
       EncoderBlock, block, self.depth, scan_layers=self.scan_layers, train_argnum=3, **options
     )
-    if rows is None:
+    if rows is None or not self.depth or self.is_initializing():  # init creates every block
       x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
-    elif self.scan_layers or not self.depth:
-      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
-      x = take_rows(x, rows)
+      x = x if rows is None else take_rows(x, rows)
     else:
-      for block in blocks[:-1]:
-        x = block(x, mask, train)
-      x = blocks[-1](x, mask, train, rows)
+      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, rows=rows, **options)
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)

@@ -25,6 +25,7 @@ per-layer tensors of a scanned tower.
 
 import contextlib
 import contextvars
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -135,6 +136,7 @@ def apply_blocks(
   train: bool,
   remat: bool = False,
   policy: str = "full",
+  rows: jax.Array | None = None,
 ) -> jax.Array:
   """`x` through the blocks of `make_blocks`: scanned (`scan_blocks`) or one after the other.
 
@@ -142,14 +144,22 @@ def apply_blocks(
     blocks: `make_blocks`'s result.
     x: `[B, L, D]` input of the first block.
     *args: the other inputs of every block (masks, image tokens), the same for each.
-    depth, train, remat, policy: as in `scan_blocks` (only the scan uses `depth`, `remat` and
-      `policy`: unrolled blocks were made with them).
+    depth, train, remat, policy, rows: as in `scan_blocks` (only the scan uses `depth`, `remat`
+      and `policy`: unrolled blocks were made with them).
   """
   if isinstance(blocks, nn.Module):
-    return scan_blocks(blocks, x, *args, depth=depth, train=train, remat=remat, policy=policy)
-  for block in blocks:
-    x = block(x, *args, train)
+    return scan_blocks(
+      blocks, x, *args, depth=depth, train=train, remat=remat, policy=policy, rows=rows
+    )
+  for i, block in enumerate(blocks):
+    last_rows = () if rows is None or i < len(blocks) - 1 else (rows,)
+    x = block(x, *args, train, *last_rows)
   return x
+
+
+def _layers(select: int | slice, variables: Any) -> Any:
+  """Layer(s) `select` of stacked variables (every leaf `[depth, ...]`)."""
+  return jax.tree.map(lambda leaf: leaf[select], variables)
 
 
 def scan_blocks(
@@ -160,6 +170,7 @@ def scan_blocks(
   train: bool,
   remat: bool = False,
   policy: str = "full",
+  rows: jax.Array | None = None,
 ) -> jax.Array:
   """`x` through `depth` layers of `block` in one `nn.scan`: `[B, L, D] -> [B, L, D]`.
 
@@ -175,9 +186,13 @@ def scan_blocks(
     train: the blocks' `train` argument (static).
     remat: recompute each layer's activations in the backward pass.
     policy: what `remat` may keep (`REMAT_POLICIES`).
+    rows: int `[B, K]`, or None: the last layer computes only these rows of its output (the
+      block's `rows` argument), while the scan runs the layers before it; applying only (the
+      parameters must exist: `init` runs without `rows`). The last layer then draws its dropout
+      from the block's own rng rather than from the scan's per-layer split.
 
   Returns:
-    The last layer's output, `[B, L, D]`.
+    The last layer's output, `[B, L, D]` (`[B, K, D]` with `rows`).
   """
   if depth == 0:
     return x
@@ -185,18 +200,31 @@ def scan_blocks(
   def body(module: nn.Module, carry: jax.Array, *inputs: Any) -> tuple[jax.Array, None]:
     return module(carry, *inputs, train).astype(carry.dtype), None
 
+  def last(module: nn.Module, carry: jax.Array, *inputs: Any) -> jax.Array:
+    return module(carry, *inputs, train, rows).astype(carry.dtype)
+
   if remat:  # `prevent_cse` is unnecessary inside a scan and costs performance.
     body = nn.remat(body, prevent_cse=False, policy=checkpoint_policy(policy))
-  scanned = nn.scan(
-    body,
-    variable_axes={"params": 0},
-    split_rngs={"params": True, "dropout": True},
-    in_axes=(nn.broadcast,) * len(args),
-    length=depth,
-    unroll=depth if _UNROLL.get() else 1,
-  )
-  x, _ = scanned(block, x, *args)
-  return x
+    last = nn.remat(last, policy=checkpoint_policy(policy))
+  scanned_layers = depth if rows is None else depth - 1
+  if scanned_layers:
+    scanned = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=scanned_layers,
+      unroll=scanned_layers if _UNROLL.get() else 1,
+    )
+    if rows is not None:  # the first depth - 1 layers of the stored stack
+      scanned = nn.map_variables(
+        scanned, "params", trans_in_fn=functools.partial(_layers, slice(0, depth - 1))
+      )
+    x, _ = scanned(block, x, *args)
+  if rows is None:
+    return x
+  last = nn.map_variables(last, "params", trans_in_fn=functools.partial(_layers, depth - 1))
+  return last(block, x, *args)
 
 
 # --- Parameter trees: unrolled `block_{i}` <-> stacked `blocks`. ---
