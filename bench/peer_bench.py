@@ -201,17 +201,9 @@ def full_model_flops(setup) -> float | None:
   """XLA's FLOP count of the same step computing every token of every block, the work open_clip
   does: the plain two-tower method skips the last blocks' unpooled rows (`Method.student_tokens`,
   docs/architecture.md), so its own count is lower. The common yardstick of the GFLOP/s column."""
-  import jax
+  from pooled_only_flops import step_flops_asking_tokens  # bench/, beside this script
 
-  from vlalign import perf
-
-  setup.method.student_tokens = True
-  try:
-    with jax.set_mesh(setup.mesh):
-      step = jax.jit(lambda state, batch: setup.step_fn(state, batch))  # traced afresh
-      return perf.step_flops(step.lower(setup.abstract_state, setup.spec).compile())
-  finally:
-    setup.method.student_tokens = False
+  return step_flops_asking_tokens(setup, True)
 
 
 def run_ours(args) -> dict:

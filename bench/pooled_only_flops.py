@@ -21,13 +21,18 @@ _VARIANT = flags.DEFINE_string("variant", "full", "Config variant.")
 _BATCH = 2
 
 
-def flops_per_sample(setup, student_tokens: bool) -> float:
-  """XLA's FLOPs of one step per sample, the method asking for the token outputs or not."""
+def step_flops_asking_tokens(setup, student_tokens: bool) -> float:
+  """XLA's FLOPs of one step (`trainer.step_flops`), the method asking its model for the token
+  outputs (every row of every block) or not; `setup.method` is left as it was."""
+  before = setup.method.student_tokens
   setup.method.student_tokens = student_tokens
-  with jax.set_mesh(setup.mesh):
-    step = jax.jit(lambda state, batch: setup.step_fn(state, batch))  # traced afresh each time
-    lowered = step.lower(setup.abstract_state, setup.spec)
-  return trainer.step_flops(setup, lowered, lowered.compile()) / _BATCH
+  try:
+    with jax.set_mesh(setup.mesh):
+      step = jax.jit(lambda state, batch: setup.step_fn(state, batch))  # traced afresh each time
+      lowered = step.lower(setup.abstract_state, setup.spec)
+    return trainer.step_flops(setup, lowered, lowered.compile())
+  finally:
+    setup.method.student_tokens = before
 
 
 def main(argv) -> None:
@@ -38,7 +43,7 @@ def main(argv) -> None:
     config = importlib.import_module(f"configs.{name}").get_config(_VARIANT.value)
     config.batch_size, config.evals = _BATCH, {}
     setup = trainer.build(config, data=False)
-    full, pruned = flops_per_sample(setup, True), flops_per_sample(setup, False)
+    full, pruned = (step_flops_asking_tokens(setup, tokens) / _BATCH for tokens in (True, False))
     print(
       f"| {name}:{_VARIANT.value} | {full / 1e9:.2f} | {pruned / 1e9:.2f} | {pruned / full:.3f} |"
     )

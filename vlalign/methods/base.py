@@ -102,9 +102,12 @@ class Method:
   def forward(self, params: Any, ctx: LossContext) -> Outputs:
     """The student's outputs (with gradient) on `ctx.batch` (without the token outputs unless
     `student_tokens`)."""
-    options = {} if self.student_tokens else {"tokens": False}
     rngs = {"dropout": ctx.rngs["dropout"]}
-    return self.model.apply(params, ctx.batch, train=True, rngs=rngs, **options)
+    return self.model.apply(params, ctx.batch, train=True, rngs=rngs, **self.token_options())
+
+  def token_options(self) -> dict[str, bool]:
+    """The keyword arguments of the model's calls: `{"tokens": False}` unless `student_tokens`."""
+    return {} if self.student_tokens else {"tokens": False}
 
   def after_update(self, ctx: LossContext, outputs: Outputs, params: Any) -> dict[str, Any]:
     """The new `TrainState.extras` after the optimizer update.
@@ -135,7 +138,7 @@ class Method:
     them on the mesh): `encode_image(params, images [B, H, W, 3]) -> [B, E]` and
     `encode_text(params, ids [B, L], mask [B, L]) -> [B, E]`, L2-normalised embeddings."""
     model, cls = self.model, type(self.model)
-    options = {} if self.student_tokens else {"tokens": False}
+    options = self.token_options()
 
     def encode_image(params, images):
       return model.apply(params, images, **options, method=cls.encode_image)["img/emb"]
