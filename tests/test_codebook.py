@@ -248,7 +248,7 @@ def test_codebook_usage_metrics_against_a_hand_count():
 
 def test_codis_run_writes_usage_plot_and_the_codebook_report(tmp_path):
   workdir = tmp_path / "run"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = testing.subprocess_env()
   train = [sys.executable, "-m", "vlalign.train", "--config=configs/codis.py:tiny",
            f"--workdir={workdir}", "--config.total_steps=3"]  # fmt: skip
   result = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlalign import testing
 from vlalign.data import augment, files, images, pipeline, shapes, shapes_to_files, transforms
 from vlalign.data.tokenizer import build_tokenizer
 from vlalign.errors import ConfigError, PathError
@@ -204,7 +205,7 @@ def test_grain_reads_a_file_source_directly(written):
 
 
 def _binary(*args):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = testing.subprocess_env()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run(
     [sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600

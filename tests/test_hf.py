@@ -781,6 +781,13 @@ def test_albef_minilm_init_under_scan_layers_loads_every_layer_stacked():
   )
   block = params["fusion"][scan.STACKED]
   for name, value in scan.stack_layers(loaded)[scan.STACKED].items():
-    if name in ("cross_attn", "ln_cross"):  # not in the checkpoint: the fresh (scanned) values
-      value = fresh["fusion"][scan.STACKED][name]
-    jax.tree.map(np.testing.assert_array_equal, block[name], value)
+    if name in ("cross_attn", "ln_cross"):  # not in the checkpoint: the fresh (scanned) values,
+      # drawn by another compiled program than `fresh`'s (equal up to a float rounding).
+      fresh_value = fresh["fusion"][scan.STACKED][name]
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        block[name],
+        fresh_value,
+      )
+    else:
+      jax.tree.map(np.testing.assert_array_equal, block[name], value)

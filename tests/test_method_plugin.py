@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import clip
-from vlalign import checkpoint, losses, methods, metrics
+from vlalign import checkpoint, losses, methods, metrics, testing
 from vlalign.methods.base import Method, check_section
 from vlalign.methods.momentum import ema_update, enqueue
 
@@ -85,7 +85,7 @@ def _train(workdir):
     f"--workdir={workdir}", "--config.total_steps=3", "--config.log_every=1",
     "--config.checkpoint_every=2",
   ]  # fmt: skip
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = testing.subprocess_env()
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return {r["step"]: r for r in metrics.read_jsonl(workdir / "metrics.jsonl")}

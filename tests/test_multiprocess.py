@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from vlalign import checkpoint, metrics
+from vlalign import checkpoint, metrics, testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,12 +155,7 @@ def _run_eval_workers(tmp_path, worker: str, data: dict) -> tuple[dict, list[dic
       num_processes=count,
       port=port,
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=ROOT,
-    )
+    env = testing.subprocess_env(devices, PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.abspath(__file__), worker, json.dumps(args)]
     with open(tmp_path / f"{tag}{pid}.log", "w") as log:  # a file: no pipe to fill and block
       procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=log))

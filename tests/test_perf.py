@@ -16,19 +16,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import clip
-from vlalign import metrics, perf, trainer
+from vlalign import metrics, perf, testing, trainer
 from vlalign.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(**extra):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT
-  env.update(extra)
-  return env
+  return testing.subprocess_env(PYTHONPATH=ROOT, **extra)
 
 
 def test_a_jitted_matmul_costs_2mnk_flops():

@@ -36,7 +36,8 @@ def test_teacher_moves_by_the_ema_rule_and_queues_fill():
   state, _ = step_fn(state, _batch(setup, 1))
   params1 = jax.device_get(state.params)
   teacher1 = jax.device_get(state.extras["teacher"])  # EMA of teacher0 == params0 towards params0
-  jax.tree.map(np.testing.assert_allclose, teacher1, params0)
+  # m p + (1 - m) p is p up to float rounding (one ulp, depending on how the kernel is compiled).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), teacher1, params0)
   assert int(state.extras["queue/ptr"]) == 16
 
   state, metrics = step_fn(state, _batch(setup, 2))

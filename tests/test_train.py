@@ -9,17 +9,14 @@ import time
 import pytest
 
 from configs import clip, siglip
-from vlalign import checkpoint, metrics, trainer
+from vlalign import checkpoint, metrics, testing, trainer
 from vlalign.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return testing.subprocess_env()
 
 
 def _tiny(module=clip, **overrides):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import clip
-from vlalign import checkpoint, metrics, trainer
+from vlalign import checkpoint, metrics, testing, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/clip.py:tiny"
@@ -26,7 +26,7 @@ LONG = ("--config.total_steps=100000", "--config.checkpoint_every=100000", "--co
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return testing.subprocess_env()
 
 
 def _cmd(binary, workdir, *flags):

@@ -1,5 +1,7 @@
 """Helpers shared by the tests: run a function on sharded global arrays and on one device."""
 
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -7,6 +9,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+
+def subprocess_env(devices: int = 8, **extra: str) -> dict[str, str]:
+  """The environment for a binary started by a test: this process's environment and XLA flags
+  (the suite's, set in tests/conftest.py) with `devices` simulated CPU devices, plus `extra`."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+  flags = f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
