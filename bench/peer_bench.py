@@ -55,6 +55,12 @@ NO_TORCH = 3  # exit status of the torch side when torch or open_clip cannot be 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--side", choices=("both", "ours", "torch"), default="both")
+  p.add_argument(
+    "--retain_host_memory",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="ours: glibc malloc keeps freed memory, as the binaries do (perf.retain_host_memory)",
+  )
   p.add_argument("--torch_python", default="/tmp/peerenv/bin/python")
   p.add_argument("--pairs", type=int, default=3, help="alternating (ours, open_clip) pairs")
   p.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -209,7 +215,10 @@ def full_model_flops(setup) -> float | None:
 def run_ours(args) -> dict:
   import jax
 
-  from vlalign import sharding, testing, trainer
+  from vlalign import perf, sharding, testing, trainer
+
+  if args.retain_host_memory:  # as the binaries do (vlalign.cli)
+    perf.retain_host_memory()
 
   config = our_config(args)
   setup = trainer.build(config, data=False)

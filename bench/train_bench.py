@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlalign import perf, sharding, testing, trainer
+from vlalign import cli, perf, sharding, testing, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (overrides allowed).")
 _CONFIGS = flags.DEFINE_list("configs", [], "Config files path[:variant], one row each.")
@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # the binaries' flags too: --retain_host_memory (on), --compilation_cache_dir

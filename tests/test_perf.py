@@ -183,6 +183,39 @@ def test_compilation_cache_dir_is_written_by_one_process_and_read_by_the_next(tm
   assert sorted(os.listdir(cache)) == entries
 
 
+_REUSE_SCRIPT = textwrap.dedent("""
+  import resource
+  import numpy as np
+  from vlalign import cli
+
+  def main(argv):
+    np.ones(1 << 23)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+      np.ones(1 << 23)  # allocated, written, freed
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+  cli.run(main)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_binaries_retain_host_memory_so_a_freed_block_is_reused_without_page_faults():
+  """`--noretain_host_memory`: each 64 MiB block is a fresh mmap whose pages fault in when written
+  (fewer faults with transparent huge pages). By default (`perf.retain_host_memory`) the freed
+  block is written again in place."""
+  faults = {}
+  for flags in ([], ["--noretain_host_memory"]):
+    result = subprocess.run(
+      [sys.executable, "-c", _REUSE_SCRIPT, *flags], cwd=ROOT, env=_env(), capture_output=True,
+      text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    faults[bool(flags)] = int(result.stdout.split()[-1])
+  assert faults[True] >= 5 * 32  # off: at least one fault per 2 MiB huge page written
+  assert faults[False] < faults[True] / 10
+
+
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9_,.-]+\])?==([0-9][^\s;]*)$")
 
 

@@ -8,7 +8,9 @@ A bad flag, an unknown config field, a config file that is missing or fails to l
 exceptions (bugs) keep their traceback.
 
 Every binary run this way takes `--compilation_cache_dir=DIR` (default: off): JAX's persistent
-compilation cache, so a restarted run reads its compiled step instead of compiling it again.
+compilation cache, so a restarted run reads its compiled step instead of compiling it again; and
+`--retain_host_memory` (default: on): glibc's malloc keeps freed memory for reuse, so that XLA's
+per-step CPU buffers do not fault in fresh pages every step (`perf.retain_host_memory`).
 """
 
 import os
@@ -20,6 +22,14 @@ from typing import Any
 from absl import app, flags, logging
 
 from vlalign import errors
+
+_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
+  "retain_host_memory",
+  True,
+  "Keep the memory the process frees for its next allocations (glibc malloc: one arena, no mmap "
+  "for large blocks, no trimming): XLA's CPU buffers are reused instead of faulting in fresh "
+  "pages every step (~20% of a CPU train step). The process keeps its peak host memory.",
+)
 
 _LOAD_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
@@ -143,9 +153,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
   def guarded(argv: list[str]) -> Any:
     try:
-      if _COMPILATION_CACHE_DIR.value:
-        from vlalign import perf
+      from vlalign import perf
 
+      if _RETAIN_HOST_MEMORY.value and not perf.retain_host_memory():
+        logging.info("--retain_host_memory: not glibc, the allocator keeps its defaults")
+      if _COMPILATION_CACHE_DIR.value:
         perf.enable_compilation_cache(_COMPILATION_CACHE_DIR.value)
       return main(argv)
     except errors.UserError as e:

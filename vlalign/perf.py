@@ -16,6 +16,7 @@ figure for the device kind (`PEAK_BF16_TFLOPS`), and on a CPU a float32 matmul m
 process. An accelerator the table does not know has no peak: MFU is then not reported.
 """
 
+import ctypes
 import functools
 import math
 import time
@@ -196,6 +197,32 @@ def check_platform(requested: str | None, found: str | None = None) -> None:
       f"--platform={requested} but JAX runs on {found} ({jax.devices()[0].device_kind}): "
       f"{INSTALL[requested]}"
     )
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def retain_host_memory() -> bool:
+  """Makes glibc's malloc keep the memory a process frees, for its next allocations. Returns
+  whether it could (False off glibc, e.g. macOS or musl: nothing changes).
+
+  XLA on the CPU allocates each step's buffers (activations, gradients: hundreds of MB at the
+  peer-bench size) and frees them when the step ends. By default glibc serves blocks above a
+  threshold with fresh `mmap`s, gives them back at `free`, and its per-thread arenas return their
+  free tops: every step then touches its memory for the first time again, ~100,000 page faults
+  per step at the peer-bench size, ~20% of the step on 1 or 2 cores (docs/results.md, "Host
+  memory"). Here: one arena, no `mmap` for large blocks, no trimming, so a step reuses the pages
+  of the step before. The process keeps its peak host memory until it exits (as accelerator
+  runtimes keep theirs; ~25% more resident memory at that size, constant over the run). Call
+  before JAX creates its CPU client: a thread that allocated earlier keeps its own arena.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  except (OSError, AttributeError):
+    return False
 
 
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
