@@ -6,10 +6,12 @@ r"""Train-step throughput, MFU, compile time and memory of configs on this machi
 
 Uses the real sharded step on synthetic device-resident batches, so it measures the model and the
 step, not the input pipeline (see bench/data_bench.py for that). One table row per config:
-samples/s and step time over `--steps` timed steps (after one untimed step), the achieved TFLOP/s
-per device and MFU (XLA's FLOPs of the compiled step against the device's peak, `vlalign.perf`),
-the time to lower and compile the step, and the peak device memory: XLA's estimate from the
-compiled step's memory analysis and, where the runtime reports it (GPU, TPU), the measured peak.
+samples/s and step time over `--steps` timed steps (after `--warmup` untimed ones: on a CPU the
+host allocator settles over the first few steps, see `perf.retain_host_memory`), the achieved
+TFLOP/s per device and MFU (XLA's FLOPs of the compiled step against the device's peak,
+`vlalign.perf`), the time to lower and compile the step, and the peak device memory: XLA's
+estimate from the compiled step's memory analysis and, where the runtime reports it (GPU, TPU),
+the measured peak.
 """
 
 import runpy
@@ -24,6 +26,7 @@ from vlalign import cli, perf, sharding, testing, trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (overrides allowed).")
 _CONFIGS = flags.DEFINE_list("configs", [], "Config files path[:variant], one row each.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, before the timed ones.")
 _PEAK = flags.DEFINE_float("peak_tflops_per_device", None, "Device peak for the MFU column.")
 
 HEADER = (
@@ -47,7 +50,7 @@ def measured_peak_mib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**20
 
 
-def bench(config, steps: int, peak: perf.Peak) -> dict:
+def bench(config, steps: int, peak: perf.Peak, warmup: int = 3) -> dict:
   """Builds, compiles and times `config`'s train step; returns one row's numbers."""
   setup = trainer.build(config, data=False)
   state = trainer.fresh_state(setup, jax.random.PRNGKey(0))
@@ -60,7 +63,8 @@ def bench(config, steps: int, peak: perf.Peak) -> dict:
   flops = trainer.step_flops(setup, lowered, compiled)
   batch = jax.device_put(testing.synthetic_batch(setup.spec), sharding.batch_sharding(setup.mesh))
   with jax.set_mesh(setup.mesh):
-    state, metrics = compiled(state, batch)
+    for _ in range(max(1, warmup)):
+      state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
@@ -117,7 +121,7 @@ def main(argv):
   rows = []
   for config in configs:
     logging.info("benchmarking %s", config.get("name", ""))
-    rows.append(bench(config, _STEPS.value, peak))
+    rows.append(bench(config, _STEPS.value, peak, _WARMUP.value))
   print(HEADER)
   print("|" + "---|" * HEADER.count(" | ") + "---|")
   for r in rows:
