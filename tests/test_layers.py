@@ -1,6 +1,7 @@
 """`vlalign/models/layers.py` against plain numpy references: the exact GELU (`layers.gelu`, the
 erf form) and the attention (`layers.attention`: parameters, masks, dropout in training)."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -75,3 +76,47 @@ def test_attention_dropout_in_training():
   evaluate = layers.attention(2, 0.5, jnp.float32, False).apply(variables, x)
   want = _attention_ref(variables["params"], np.asarray(x), np.asarray(x), None, 2)
   np.testing.assert_allclose(evaluate, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width,features", [(8, 24), (24, 8)])
+def test_dense_dot_general_same_values_and_gradients_as_numpy(width, features):
+  """Both branches of the transposed weight gradient (K <= N and K > N), on `[B, L, K]` inputs,
+  against the float64 product and its gradients; and second derivatives as `lax.dot_general`'s."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, width)).astype(np.float32)
+  w = rng.normal(size=(width, features)).astype(np.float32)
+  g = rng.normal(size=(3, 5, features)).astype(np.float32)
+  plain = (((2,), (0,)), ((), ()))
+
+  def loss(dot_general, x, w):
+    return jnp.sum(dot_general(x, w, plain) * g)
+
+  value = layers.dense_dot_general(x, w, plain)
+  dx, dw = jax.grad(functools.partial(loss, layers.dense_dot_general), argnums=(0, 1))(x, w)
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  np.testing.assert_allclose(value, x64 @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    dw, x64.reshape(-1, width).T @ g64.reshape(-1, features), rtol=1e-5, atol=1e-5
+  )
+
+  def curvature(dot_general, w):  # reverse over reverse through the custom backward pass
+    return jnp.sum(jax.grad(functools.partial(loss, dot_general), argnums=0)(x, w) ** 2)
+
+  ours = jax.grad(functools.partial(curvature, layers.dense_dot_general))(w)
+  np.testing.assert_allclose(
+    ours, jax.grad(functools.partial(curvature, jax.lax.dot_general))(w), rtol=1e-5, atol=1e-4
+  )
+
+
+def test_mlp_weight_gradients_contract_no_operand_along_its_first_dimension():
+  """On the CPU the MLP's weight gradients are `[K, M] @ [M, N]` products (YNNPACK's layout), not
+  `x^T dy` with both operands contracted along dimension 0 (which XLA leaves to Eigen)."""
+  mlp = layers.MlpBlock(mlp_dim=32)
+  x = jnp.ones((4, 6, 16))
+  params = mlp.init(jax.random.key(0), x)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(mlp.apply(p, x) ** 2)))
+  hlo = grad.lower(params).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert len(dots) >= 5  # forward 2, backward 3 (the input's gradient is not asked for: 4)
+  assert not any("lhs_contracting_dims={0}" in line for line in dots), "\n".join(dots)

@@ -25,6 +25,7 @@ from vlalign.models.layers import (
   MlpBlock,
   activation_fn,
   attention,
+  dense_dot_general,
   key_padding_mask,
 )
 from vlalign.models.lora import add_lora, check_lora
@@ -94,7 +95,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     adapt = lambda y, name, inputs: add_lora(y, inputs, self.lora, name, train, 1, self.dtype)
     dense = lambda width, name: nn.Dense(
-      width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+      width, dtype=self.dtype, param_dtype=PARAM_DTYPE, dot_general=dense_dot_general, name=name
     )
     y = activation_fn("gelu")(adapt(dense(self.mlp_dim, "fc1")(x), "fc1", x))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
