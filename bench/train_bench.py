@@ -50,7 +50,7 @@ def measured_peak_mib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**20
 
 
-def bench(config, steps: int, peak: perf.Peak, warmup: int = 3) -> dict:
+def bench(config, steps: int, peak: perf.Peak, warmup: int) -> dict:
   """Builds, compiles and times `config`'s train step; returns one row's numbers."""
   setup = trainer.build(config, data=False)
   state = trainer.fresh_state(setup, jax.random.PRNGKey(0))

@@ -131,13 +131,12 @@ def dense_dot_general(x, w, dimension_numbers, precision=None, preferred_element
   of a `[M, min(K, N)]` array each instead (docs/results.md, "Weight gradients"). On other
   backends, and for other dimension numbers, it is `lax.dot_general` unchanged.
   """
-  plain = (((x.ndim - 1,), (0,)), ((), ()))
-  custom = not precision and preferred_element_type is None and w.ndim == 2
-  if jax.default_backend() != "cpu" or dimension_numbers != plain or not custom:
-    return jax.lax.dot_general(
-      x, w, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
-    )
-  return _matmul_transposed_weight_grad(x, w)
+  dense = dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and w.ndim == 2
+  if jax.default_backend() == "cpu" and dense and not precision and preferred_element_type is None:
+    return _matmul_transposed_weight_grad(x, w)
+  return jax.lax.dot_general(
+    x, w, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+  )
 
 
 class MlpBlock(nn.Module):
