@@ -219,6 +219,7 @@ def run_ours(args) -> dict:
 
   if args.retain_host_memory:  # as the binaries do (vlalign.cli)
     perf.retain_host_memory()
+  perf.unroll_threefry_on_cpu()  # as the binaries do (the peer model draws no random bits)
 
   config = our_config(args)
   setup = trainer.build(config, data=False)

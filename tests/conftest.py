@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices and no LLVM optimisation, set before JAX initialises, and
-one persistent compilation cache for the whole run."""
+"""Test set-up: 8 simulated CPU devices and no LLVM optimisation, set before JAX initialises, one
+persistent compilation cache for the whole run, and the binaries' lowering of random draws."""
 
 import os
 import shutil
@@ -44,6 +44,7 @@ def pytest_configure(config):
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="vlalign-test-xla-cache-")
     config.stash[_OWNER] = True
   perf.enable_compilation_cache(os.environ[CACHE_ENV], min_compile_secs=0.5)
+  perf.unroll_threefry_on_cpu()  # as the binaries do (vlalign.cli)
 
 
 def pytest_unconfigure(config):

@@ -216,6 +216,78 @@ def test_binaries_retain_host_memory_so_a_freed_block_is_reused_without_page_fau
   assert faults[False] < faults[True] / 10
 
 
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_threefry2x32_gives_the_published_known_answers(unrolled):
+  """Random123's known-answer tests for Threefry-2x32 with 20 rounds: (key, counter) -> output."""
+  cases = [
+    ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+  ]
+  for key, counter, expected in cases:
+    words = [jnp.uint32(w) for w in (*key, *counter)]
+    out = jax.jit(lambda *w: perf.threefry2x32(*w, unrolled=unrolled))(*words)
+    assert tuple(int(w) for w in out) == expected
+
+
+_DRAWS_SCRIPT = textwrap.dedent("""
+  import hashlib
+  import sys
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from vlalign import cli
+
+  def main(argv):
+    key = jax.random.key(7)
+    data = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+    draws = {
+      "large": jax.jit(lambda k: jax.random.bits(k, (8, 4099))),  # odd: a padded counter
+      "sharded": jax.jit(lambda k: jax.random.uniform(k, (64, 512)), out_shardings=data),
+      "dropout": jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 24, 128))),
+      "small": jax.jit(lambda k: (jax.random.split(k, 3), jax.random.fold_in(k, 5),
+                                  jax.random.normal(k, (33,)))),
+    }
+    for name, draw in draws.items():
+      out = jax.tree.leaves(draw(key))
+      out = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+             for x in out]
+      digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in out)).hexdigest()
+      loops = "while" in draw.lower(key).compile().as_text()
+      print(name, digest, "loop" if loops else "no-loop")
+
+  if sys.argv[1:] == ["binary"]:
+    cli.run(main)
+  else:
+    main([])
+""")
+
+
+def test_binaries_draw_jax_bits_with_large_draws_in_one_fused_loop():
+  """`vlalign.cli` binaries lower large Threefry calls written out (`perf.unroll_threefry_on_cpu`):
+  the same bits as JAX's own lowering (a plain process), sharded or not, without its loop."""
+  lines = {}
+  for mode in ("binary", "plain"):
+    result = subprocess.run(
+      [sys.executable, "-c", _DRAWS_SCRIPT, mode], cwd=ROOT, env=_env(), capture_output=True,
+      text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (line.split() for line in result.stdout.splitlines())
+    lines[mode] = {name: (digest, loop) for name, digest, loop in rows}
+  plain, binary = lines["plain"], lines["binary"]
+  assert set(plain) == set(binary) == {"large", "sharded", "dropout", "small"}
+  for name in plain:
+    assert binary[name][0] == plain[name][0], name  # the same bits
+    assert plain[name][1] == "loop", name  # JAX's CPU lowering loops over the round groups
+  assert {name: binary[name][1] for name in binary} == {
+    "large": "no-loop",
+    "sharded": "no-loop",
+    "dropout": "no-loop",
+    "small": "loop",  # below min_size: the loop compiles faster
+  }
+
+
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9_,.-]+\])?==([0-9][^\s;]*)$")
 
 

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from vlalign.errors import UserError
@@ -223,6 +224,74 @@ def retain_host_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
   except (OSError, AttributeError):
     return False
+
+
+# Threefry-2x32's rotations, by round group (even groups, odd groups), and its key-schedule parity
+# constant (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def threefry2x32(
+  key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array, unrolled: bool = True
+) -> tuple[jax.Array, jax.Array]:
+  """The Threefry-2x32 hash, the function of JAX's `threefry2x32_p`: uint32 key words broadcast
+  against the uint32 counter words `x1`, `x2` (`[...]`). Returns the two hashed words, `[...]`
+  each. `unrolled`: its 20 rounds as straight-line code; else a loop over its 5 round groups."""
+  ks = (key1, key2, key1 ^ key2 ^ np.uint32(_THREEFRY_PARITY))
+
+  def round_group(group, rotations, state):
+    """One group of 4 rounds, then the key injection. `state`: the two words, then the key words
+    to inject now, next and after that."""
+    x1, x2, k_now, k_next, k_after = state
+    for r in rotations:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << r) | (x2 >> (np.uint32(32) - r)))
+    x1, x2 = x1 + k_now, x2 + k_next + (group + 1).astype(np.uint32)
+    return x1, x2, k_next, k_after, k_now
+
+  state = (x1 + ks[0], x2 + ks[1], ks[1], ks[2], ks[0])
+  if unrolled:
+    for group in range(5):
+      rotations = np.asarray(_THREEFRY_ROTATIONS[group % 2], np.uint32)
+      state = round_group(np.uint32(group), rotations, state)
+  else:
+    even, odd = (jnp.asarray(r, jnp.uint32) for r in _THREEFRY_ROTATIONS)
+    state = jax.lax.fori_loop(
+      0,
+      5,
+      lambda group, state: round_group(group, jnp.where(group % 2 == 0, even, odd), state),
+      state,
+    )
+  return state[0], state[1]
+
+
+def unroll_threefry_on_cpu(min_size: int = 2**14) -> None:
+  """Lowers JAX's Threefry hash on the CPU as straight-line code for every call that hashes
+  `min_size` counters or more, instead of a loop over its 5 round groups.
+
+  Every `jax.random` call (dropout masks, MLM masking, negative sampling, `split`, `fold_in`)
+  hashes its counters with Threefry-2x32. On the CPU JAX lowers the hash as a `while` loop (it
+  compiles faster); XLA runs a loop's iterations one after another on one thread and copies the
+  loop state between them. Written out, as JAX lowers it elsewhere, a call is one fused
+  elementwise loop over its counters, split over the threads. That costs compile time per call
+  (~20 ms), so the small calls (`split`, `fold_in`, per-example draws) keep the loop; the large
+  ones are dropout masks. On the TCL demo step (2 cores): ~5% faster (docs/results.md, "Random
+  bits on the CPU"). The bits are the same: the same function of the same counters
+  (tests/test_perf.py). Process-wide; call before the first lowering (functions lowered earlier
+  keep their loops)."""
+  from jax.extend import random as jex_random
+  from jax.interpreters import mlir
+
+  lowerings = {
+    unrolled: mlir.lower_fun(functools.partial(threefry2x32, unrolled=unrolled), True)
+    for unrolled in (False, True)
+  }
+
+  def lowering(ctx, *args):
+    return lowerings[math.prod(ctx.avals_out[0].shape) >= min_size](ctx, *args)
+
+  mlir.register_lowering(jex_random.threefry2x32_p, lowering, platform="cpu")
 
 
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
