@@ -274,17 +274,19 @@ def unroll_threefry_on_cpu(min_size: int = 2**14) -> None:
   hashes its counters with Threefry-2x32. On the CPU JAX lowers the hash as a `while` loop (it
   compiles faster); XLA runs a loop's iterations one after another on one thread and copies the
   loop state between them. Written out, as JAX lowers it elsewhere, a call is one fused
-  elementwise loop over its counters, split over the threads. That costs compile time per call
-  (~20 ms), so the small calls (`split`, `fold_in`, per-example draws) keep the loop; the large
-  ones are dropout masks. On the TCL demo step (2 cores): ~5% faster (docs/results.md, "Random
-  bits on the CPU"). The bits are the same: the same function of the same counters
-  (tests/test_perf.py). Process-wide; call before the first lowering (functions lowered earlier
-  keep their loops)."""
+  elementwise loop over its counters, split over the threads, but it compiles slower: with every
+  call written out, the TCL demo step's compile went from ~15 s to ~23 s. So the small calls
+  (`split`, `fold_in`, per-example draws) keep the loop; the large ones are dropout masks. On the
+  TCL demo step (2 cores): ~5% faster (docs/results.md, "Random bits on the CPU"). The bits are
+  the same: the same function of the same counters (tests/test_perf.py). Process-wide; call
+  before the first lowering (functions lowered earlier keep their loops)."""
   from jax.extend import random as jex_random
   from jax.interpreters import mlir
 
   lowerings = {
-    unrolled: mlir.lower_fun(functools.partial(threefry2x32, unrolled=unrolled), True)
+    unrolled: mlir.lower_fun(
+      functools.partial(threefry2x32, unrolled=unrolled), multiple_results=True
+    )
     for unrolled in (False, True)
   }
 
