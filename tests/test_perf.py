@@ -230,6 +230,20 @@ def test_threefry2x32_gives_the_published_known_answers(unrolled):
     assert tuple(int(w) for w in out) == expected
 
 
+def test_random_draws_export_with_symbolic_shapes_and_keep_their_bits():
+  """Under shape polymorphism the size of a draw is symbolic: the lowering keeps JAX's loop
+  (tests/conftest.py installs `perf.unroll_threefry_on_cpu` for the suite)."""
+  from jax import export
+
+  draw = jax.jit(lambda key, x: x * jax.random.bernoulli(key, 0.9, x.shape))
+  x_spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, 512"), jnp.float32)
+  exported = export.export(draw)(jax.random.PRNGKey(0), x_spec)
+  x = np.ones((64, 512), np.float32)
+  np.testing.assert_array_equal(
+    exported.call(jax.random.PRNGKey(0), x), draw(jax.random.PRNGKey(0), x)
+  )
+
+
 _DRAWS_SCRIPT = textwrap.dedent("""
   import hashlib
   import sys

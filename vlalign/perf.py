@@ -291,7 +291,8 @@ def unroll_threefry_on_cpu(min_size: int = 2**14) -> None:
   }
 
   def lowering(ctx, *args):
-    return lowerings[math.prod(ctx.avals_out[0].shape) >= min_size](ctx, *args)
+    size = math.prod(ctx.avals_out[0].shape)  # symbolic under shape polymorphism: keep the loop
+    return lowerings[isinstance(size, int) and size >= min_size](ctx, *args)
 
   mlir.register_lowering(jex_random.threefry2x32_p, lowering, platform="cpu")
 
