@@ -217,9 +217,7 @@ def run_ours(args) -> dict:
 
   from vlalign import perf, sharding, testing, trainer
 
-  if args.retain_host_memory:  # as the binaries do (vlalign.cli)
-    perf.retain_host_memory()
-  perf.unroll_threefry_on_cpu()  # as the binaries do (the peer model draws no random bits)
+  perf.set_up_host(retain_memory=args.retain_host_memory)  # as the binaries do (vlalign.cli)
 
   config = our_config(args)
   setup = trainer.build(config, data=False)

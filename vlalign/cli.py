@@ -12,7 +12,7 @@ compilation cache, so a restarted run reads its compiled step instead of compili
 `--retain_host_memory` (default: on): glibc's malloc keeps freed memory for reuse, so that XLA's
 per-step CPU buffers do not fault in fresh pages every step (`perf.retain_host_memory`). On the
 CPU, large random draws (dropout masks) hash their counters in one fused loop instead of JAX's
-5-iteration loop, with the same bits (`perf.unroll_threefry_on_cpu`).
+5-iteration loop, with the same bits (`perf.unroll_threefry_on_cpu`; both in `perf.set_up_host`).
 """
 
 import os
@@ -157,9 +157,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     try:
       from vlalign import perf
 
-      if _RETAIN_HOST_MEMORY.value and not perf.retain_host_memory():
-        logging.info("--retain_host_memory: not glibc, the allocator keeps its defaults")
-      perf.unroll_threefry_on_cpu()
+      perf.set_up_host(retain_memory=_RETAIN_HOST_MEMORY.value)
       if _COMPILATION_CACHE_DIR.value:
         perf.enable_compilation_cache(_COMPILATION_CACHE_DIR.value)
       return main(argv)

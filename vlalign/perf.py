@@ -297,6 +297,16 @@ def unroll_threefry_on_cpu(min_size: int = 2**14) -> None:
   mlir.register_lowering(jex_random.threefry2x32_p, lowering, platform="cpu")
 
 
+def set_up_host(retain_memory: bool = True) -> None:
+  """The process settings every binary applies at start-up (`vlalign.cli`), before JAX creates
+  its CPU client and compiles: glibc keeps freed memory when `retain_memory`
+  (`retain_host_memory`), and large Threefry calls are written out on the CPU
+  (`unroll_threefry_on_cpu`)."""
+  if retain_memory and not retain_host_memory():
+    logging.info("host memory not retained: not glibc, the allocator keeps its defaults")
+  unroll_threefry_on_cpu()
+
+
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
