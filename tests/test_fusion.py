@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vlalign.models import build_model, fusion
+from vlalign.models import build_model, fusion, layers
 from vlalign.models.model import ALBEFModel
 
 BATCH = 8
@@ -170,6 +170,60 @@ def test_fusion_encoder_masks():
   assert (changed[text_mask > 0] > 1e-3).all()
 
 
+@pytest.mark.parametrize(
+  "style, scan_layers, depth",
+  [("pre_ln", False, 2), ("post_ln", False, 2), ("pre_ln", True, 3), ("post_ln", True, 1)],
+)
+def test_fusion_encoder_rows_are_the_full_outputs_rows(style, scan_layers, depth):
+  """`rows`: the last block computes only the asked positions (several per example, any order,
+  padded and masked keys included); values and gradients equal the full output's rows there."""
+  rng = np.random.default_rng(2)
+  text = rng.normal(size=(BATCH, MAX_LEN, TEXT_WIDTH)).astype(np.float32)
+  image = rng.normal(size=(BATCH, 5, IMAGE_WIDTH)).astype(np.float32)
+  text_mask = make_batch()["text_mask"]
+  image_mask = np.ones((BATCH, 5), np.int32)
+  image_mask[::2, 3:] = 0
+  encoder = fusion.FusionEncoder(
+    depth=depth, num_heads=2, mlp_dim=24, style=style, scan_layers=scan_layers
+  )
+  params = encoder.init(jax.random.key(0), text, text_mask, image, image_mask)
+  params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32), params)
+  rows = jnp.asarray(rng.integers(0, MAX_LEN, size=(BATCH, 3)), jnp.int32)
+
+  def fused_rows(p, picked):
+    if picked:
+      return encoder.apply(p, text, text_mask, image, image_mask, False, rows)
+    return layers.take_rows(encoder.apply(p, text, text_mask, image, image_mask), rows)
+
+  full, pruned = fused_rows(params, False), fused_rows(params, True)
+  assert pruned.shape == (BATCH, 3, TEXT_WIDTH)
+  np.testing.assert_allclose(pruned, full, atol=2e-6, rtol=1e-5)
+  weights = jnp.asarray(rng.normal(size=full.shape), jnp.float32)
+  grad = jax.jit(jax.grad(lambda p, picked: jnp.sum(jnp.sin(fused_rows(p, picked)) * weights)),
+                 static_argnums=1)  # fmt: skip
+  g_full, g_pruned = grad(params, False), grad(params, True)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_full))
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_pruned)):
+    np.testing.assert_allclose(b, a, atol=2e-5 * scale)
+
+
+def test_fusion_encoder_rows_in_training_mode_draw_dropout_for_those_rows():
+  """With dropout on, `rows` gives a finite `[B, K, D]` that changes with the dropout rng."""
+  rng = np.random.default_rng(3)
+  text = rng.normal(size=(BATCH, MAX_LEN, TEXT_WIDTH)).astype(np.float32)
+  image = rng.normal(size=(BATCH, 5, IMAGE_WIDTH)).astype(np.float32)
+  text_mask = make_batch()["text_mask"]
+  encoder = fusion.FusionEncoder(depth=2, num_heads=2, mlp_dim=24, dropout=0.5)
+  params = encoder.init(jax.random.key(0), text, text_mask, image)
+  rows = jnp.zeros((BATCH, 1), jnp.int32)
+  run = lambda seed: encoder.apply(
+    params, text, text_mask, image, None, True, rows, rngs={"dropout": jax.random.key(seed)}
+  )
+  a, b = run(1), run(2)
+  assert a.shape == (BATCH, 1, TEXT_WIDTH) and np.isfinite(a).all()
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
 # ---------------------------------------------------------------- ALBEF model
 
 
@@ -233,6 +287,32 @@ def test_albef_fuse_itm_mlm_against_references(albef):
   table = p["text_encoder"]["token_embed"]["embedding"]
   want = np_layer_norm(hidden, h["ln"]) @ table.T + h["bias"]
   np.testing.assert_allclose(mlm, want, atol=1e-4)
+
+
+def test_albef_itm_match_logits_compute_the_cls_row_only(albef):
+  """ITM reads the fused CLS row alone: `itm_match_logits` equals the head on the full fusion's
+  row 0, with the same gradients, and the fusion's last block does far less work."""
+  model, params, batch, out = albef
+  mask, text, image = batch["text_mask"], out["txt/tokens"], out["img/all_tokens"]
+
+  def full(p):
+    fused = model.apply(p, text, mask, image, method=ALBEFModel.fuse)
+    return model.apply(p, fused, method=ALBEFModel.itm_logits)
+
+  def pruned(p):
+    return model.apply(p, text, mask, image, method=ALBEFModel.itm_match_logits)
+
+  np.testing.assert_allclose(pruned(params), full(params), atol=2e-6, rtol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(BATCH, 2)), jnp.float32)
+  grads = [
+    jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p)) * weights))(params) for f in (full, pruned)
+  ]
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[0]))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(b, a, atol=2e-5 * scale)
+  flops = [jax.jit(f).lower(params).compile().cost_analysis()["flops"] for f in (full, pruned)]
+  # One fusion block on 1 of 8 text rows: the image keys/values and the text keys/values remain.
+  assert flops[1] < 0.7 * flops[0], flops
 
 
 def test_albef_untied_mlm_and_bf16():

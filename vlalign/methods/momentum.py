@@ -337,7 +337,7 @@ class MomentumDistillation(Method):
 
     def itm_score(params, image_tokens, text_tokens, text_mask):
       def score(module):
-        return module.itm_logits(module.fuse(text_tokens, text_mask, image_tokens))[:, 1]
+        return module.itm_match_logits(text_tokens, text_mask, image_tokens)[:, 1]
 
       return model.apply(params, method=score)
 

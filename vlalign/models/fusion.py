@@ -24,6 +24,8 @@ from vlalign.models.layers import (
   attention,
   gelu,
   key_padding_mask,
+  query_rows_mask,
+  take_rows,
 )
 
 STYLES = ("pre_ln", "post_ln")
@@ -55,21 +57,32 @@ class CrossAttentionBlock(nn.Module):
     self_mask: jax.Array | None = None,
     cross_mask: jax.Array | None = None,
     train: bool = False,
+    rows: jax.Array | None = None,
   ) -> jax.Array:
-    """x `[B, L, D]`; image_tokens `[B, T, Di]`; masks boolean, `[B, 1, 1 or L, L or T]`."""
+    """x `[B, L, D]`; image_tokens `[B, T, Di]`; masks boolean, `[B, 1, 1 or L, L or T]`.
+
+    `rows` (int `[B, K]`, optional): compute the block's output at these positions only,
+    `[B, K, D]`: the self-attention's queries come from them, its keys and values from every
+    token, and the cross-attention and MLP run on these rows alone, so each output row equals
+    the full block's row at that position (a last block whose other rows nobody reads).
+    """
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     layer_norm = lambda name: nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
     attn = lambda name: attention(self.num_heads, self.attention_dropout, self.dtype, train, name)
     image = image_tokens.astype(self.dtype)
+    pick = (lambda y: y) if rows is None else (lambda y: take_rows(y, rows))
+    if rows is not None:
+      self_mask, cross_mask = query_rows_mask(self_mask, rows), query_rows_mask(cross_mask, rows)
     if self.style == "post_ln":
-      x = layer_norm("ln_self")(x + drop(attn("self_attn")(x, mask=self_mask)))
+      y = attn("self_attn")(pick(x), x, x, mask=self_mask)
+      x = layer_norm("ln_self")(pick(x) + drop(y))
       x = layer_norm("ln_cross")(x + drop(attn("cross_attn")(x, image, mask=cross_mask)))
       y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
       return layer_norm("ln_mlp")(x + drop(y))
     y = layer_norm("ln_self")(x)
-    x = x + drop(attn("self_attn")(y, mask=self_mask))
+    x = pick(x) + drop(attn("self_attn")(pick(y), y, y, mask=self_mask))
     y = layer_norm("ln_cross")(x)
     x = x + drop(attn("cross_attn")(y, image, mask=cross_mask))
     y = layer_norm("ln_mlp")(x)
@@ -109,6 +122,7 @@ class FusionEncoder(nn.Module):
     image_tokens: jax.Array,
     image_mask: jax.Array | None = None,
     train: bool = False,
+    rows: jax.Array | None = None,
   ) -> jax.Array:
     """Fuses text with image tokens.
 
@@ -118,9 +132,12 @@ class FusionEncoder(nn.Module):
       image_tokens: `[B, T, Di]` image tokens (ALBEF: CLS + patches).
       image_mask: optional `[B, T]`, 1 on valid image tokens; None: all valid.
       train: enables dropout.
+      rows: optional int `[B, K]`: compute only these positions of the output, `[B, K, D]`, equal
+        to the full output's rows there (ITM reads the CLS row alone): the last block runs its
+        queries, cross-attention and MLP on these rows only (`CrossAttentionBlock`'s `rows`).
 
     Returns:
-      `[B, L, D]` fused tokens after the final LayerNorm.
+      `[B, L, D]` fused tokens after the final LayerNorm (`[B, K, D]` with `rows`).
     """
     if self.style not in STYLES:
       raise ConfigError(f"unknown fusion style {self.style!r}; choose one of {STYLES}")
@@ -146,9 +163,12 @@ class FusionEncoder(nn.Module):
       train_argnum=5,
       **options,
     )
-    x = scan.apply_blocks(
-      blocks, x, image_tokens, self_mask, cross_mask, depth=self.depth, train=train, **options
-    )
+    inputs = (x, image_tokens, self_mask, cross_mask)
+    if rows is None or not self.depth or self.is_initializing():  # init creates every block
+      x = scan.apply_blocks(blocks, *inputs, depth=self.depth, train=train, **options)
+      x = x if rows is None else take_rows(x, rows)
+    else:
+      x = scan.apply_blocks(blocks, *inputs, depth=self.depth, train=train, rows=rows, **options)
     if self.style == "post_ln":
       return x
     return nn.LayerNorm(

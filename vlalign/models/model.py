@@ -283,13 +283,27 @@ class ALBEFModel(TwoTower):
     text_mask: jax.Array,
     image_tokens: jax.Array,
     train: bool = False,
+    rows: jax.Array | None = None,
   ) -> jax.Array:
-    """text_tokens `[B, L, D]`, text_mask `[B, L]`, image_tokens `[B, 1+N, Di]` -> `[B, L, D]`."""
-    return self.fusion(text_tokens, text_mask, image_tokens, None, train)
+    """text_tokens `[B, L, D]`, text_mask `[B, L]`, image_tokens `[B, 1+N, Di]` -> `[B, L, D]`
+    (`[B, K, D]`, the fused tokens at those positions only, with `rows` int `[B, K]`)."""
+    return self.fusion(text_tokens, text_mask, image_tokens, None, train, rows)
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     """fused `[B, L, D]` -> ITM logits `[B, 2]` float32 from position 0 (class 1 = match)."""
     return self.itm_head(fused[:, 0])
+
+  def itm_match_logits(
+    self,
+    text_tokens: jax.Array,
+    text_mask: jax.Array,
+    image_tokens: jax.Array,
+    train: bool = False,
+  ) -> jax.Array:
+    """ITM logits `[B, 2]` of the pairs (text b, image b); the fusion's last block computes the
+    CLS row alone (`fuse`'s `rows`), the only one ITM reads."""
+    cls_row = jnp.zeros((text_tokens.shape[0], 1), jnp.int32)
+    return self.itm_logits(self.fuse(text_tokens, text_mask, image_tokens, train, cls_row))
 
   def mlm_logits(self, fused: jax.Array) -> jax.Array:
     """fused `[B, L, D]` -> MLM logits `[B, L, V]` float32 (decoder tied unless `tie_mlm=False`)."""
@@ -319,13 +333,13 @@ class ALBEFModel(TwoTower):
       (t_{neg_text[b]}, v_b), the order of `vlalign.losses.matching.itm_labels`.
     """
     text, image = out["txt/tokens"], out["img/all_tokens"]
-    fused = self.fuse(
+    logits = self.itm_match_logits(
       jnp.concatenate([text, text, text[neg_text]]),
       jnp.concatenate([text_mask, text_mask, text_mask[neg_text]]),
       jnp.concatenate([image, image[neg_image], image]),
       train,
     )
-    return {"itm/logits": self.itm_logits(fused)}
+    return {"itm/logits": logits}
 
   def masked_lm(
     self, out: Outputs, mlm_ids: jax.Array, text_mask: jax.Array, train: bool = False
