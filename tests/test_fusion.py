@@ -207,6 +207,49 @@ def test_fusion_encoder_rows_are_the_full_outputs_rows(style, scan_layers, depth
     np.testing.assert_allclose(b, a, atol=2e-5 * scale)
 
 
+@pytest.mark.parametrize(
+  "style, scan_layers, rows", [("pre_ln", False, False), ("post_ln", True, True)]
+)
+def test_fusion_encoder_image_index_equals_fusing_the_gathered_images(style, scan_layers, rows):
+  """`image_index`: each image's keys and values projected once and gathered equal fusing
+  `image_tokens[image_index]` (and its mask): values, gradients (the image tokens' too) and,
+  in training mode, the dropout draws; with `rows` as well."""
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(3, 5, IMAGE_WIDTH)).astype(np.float32)
+  image_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], np.int32)
+  index = jnp.asarray(rng.integers(0, 3, size=BATCH), jnp.int32)
+  text = rng.normal(size=(BATCH, MAX_LEN, TEXT_WIDTH)).astype(np.float32)
+  text_mask = make_batch()["text_mask"]
+  encoder = fusion.FusionEncoder(
+    depth=2, num_heads=2, mlp_dim=24, style=style, scan_layers=scan_layers, dropout=0.2,
+    attention_dropout=0.2,
+  )  # fmt: skip
+  params = encoder.init(jax.random.key(0), text, text_mask, images[index], image_mask[index])
+  picked = jnp.zeros((BATCH, 1), jnp.int32) if rows else None
+
+  def fuse(p, image_tokens, gathered, train):
+    rngs = {"dropout": jax.random.key(7)}
+    if gathered:
+      return encoder.apply(p, text, text_mask, image_tokens, image_mask, train, picked, index,
+                           rngs=rngs)  # fmt: skip
+    return encoder.apply(p, text, text_mask, image_tokens[index], image_mask[index], train,
+                         picked, rngs=rngs)  # fmt: skip
+
+  for train in (False, True):
+    np.testing.assert_allclose(
+      fuse(params, images, True, train), fuse(params, images, False, train), atol=2e-6, rtol=1e-5
+    )
+  weights = jnp.asarray(rng.normal(size=fuse(params, images, False, False).shape), jnp.float32)
+  grad = jax.jit(
+    jax.grad(lambda p, x, g: jnp.sum(jnp.sin(fuse(p, x, g, True)) * weights), argnums=(0, 1)),
+    static_argnums=2,
+  )
+  g_full, g_gathered = grad(params, images, False), grad(params, images, True)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_full))
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_gathered)):
+    np.testing.assert_allclose(b, a, atol=2e-5 * scale)
+
+
 def test_fusion_encoder_rows_in_training_mode_draw_dropout_for_those_rows():
   """With dropout on, `rows` gives a finite `[B, K, D]` that changes with the dropout rng."""
   rng = np.random.default_rng(3)
@@ -313,6 +356,32 @@ def test_albef_itm_match_logits_compute_the_cls_row_only(albef):
   flops = [jax.jit(f).lower(params).compile().cost_analysis()["flops"] for f in (full, pruned)]
   # One fusion block on 1 of 8 text rows: the image keys/values and the text keys/values remain.
   assert flops[1] < 0.7 * flops[0], flops
+
+
+def test_albef_itm_pairs_equal_the_full_fusion_of_each_pair(albef):
+  """`itm_pairs` (the CLS row only, each image's keys and values projected once) gives the ITM
+  head on the full fusion of the concatenated pairs, as ALBEF computes them, for less work."""
+  model, params, batch, out = albef
+  mask, text, image = batch["text_mask"], out["txt/tokens"], out["img/all_tokens"]
+  neg_text = jnp.roll(jnp.arange(BATCH), 1)
+  neg_image = jnp.roll(jnp.arange(BATCH), -2)
+
+  def reference(p):
+    fused = model.apply(
+      p,
+      jnp.concatenate([text, text, text[neg_text]]),
+      jnp.concatenate([mask, mask, mask[neg_text]]),
+      jnp.concatenate([image, image[neg_image], image]),
+      method=ALBEFModel.fuse,
+    )
+    return model.apply(p, fused, method=ALBEFModel.itm_logits)
+
+  def pairs(p):
+    return model.apply(p, out, mask, neg_text, neg_image, method=ALBEFModel.itm_pairs)["itm/logits"]
+
+  np.testing.assert_allclose(pairs(params), reference(params), atol=2e-6, rtol=1e-5)
+  flops = [jax.jit(f).lower(params).compile().cost_analysis()["flops"] for f in (reference, pairs)]
+  assert flops[1] < 0.6 * flops[0], flops
 
 
 def test_albef_untied_mlm_and_bf16():

@@ -11,6 +11,8 @@ checkpoint's upper layers). All image tokens (CLS included) are valid keys unles
 otherwise.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,45 @@ from vlalign.models.layers import (
 )
 
 STYLES = ("pre_ln", "post_ln")
+
+
+def attention_to_images(image_index: jax.Array | None) -> Any:
+  """`nn.dot_product_attention` whose keys and values, projected once per image, `[M, T, H, Dh]`,
+  are first gathered to the queries' rows, `key[image_index]` `[B, T, H, Dh]` (None:
+  `nn.dot_product_attention` itself). The projection is linear per token, so this is the function
+  of projecting `image_tokens[image_index]`, for M instead of B images' projections (ITM pairs
+  each image with 3 texts)."""
+  if image_index is None:
+    return None
+
+  def attend(
+    query,
+    key,
+    value,
+    mask=None,
+    broadcast_dropout=True,
+    dropout_rng=None,
+    dropout_rate=0.0,
+    deterministic=False,
+    dtype=None,
+    precision=None,
+    force_fp32_for_softmax=False,
+  ):
+    return nn.dot_product_attention(
+      query,
+      key[image_index],
+      value[image_index],
+      mask=mask,
+      broadcast_dropout=broadcast_dropout,
+      dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+      dtype=dtype,
+      precision=precision,
+      force_fp32_for_softmax=force_fp32_for_softmax,
+    )
+
+  return attend
 
 
 class CrossAttentionBlock(nn.Module):
@@ -56,10 +97,15 @@ class CrossAttentionBlock(nn.Module):
     image_tokens: jax.Array,
     self_mask: jax.Array | None = None,
     cross_mask: jax.Array | None = None,
+    image_index: jax.Array | None = None,
     train: bool = False,
     rows: jax.Array | None = None,
   ) -> jax.Array:
     """x `[B, L, D]`; image_tokens `[B, T, Di]`; masks boolean, `[B, 1, 1 or L, L or T]`.
+
+    `image_index` (int `[B]`, optional): text row b attends to image `image_index[b]` of
+    image_tokens `[M, T, Di]`; the cross-attention projects each image's keys and values once
+    and gathers them (`attention_to_images`), instead of once per text row.
 
     `rows` (int `[B, K]`, optional): compute the block's output at these positions only,
     `[B, K, D]`: the self-attention's queries come from them, its keys and values from every
@@ -70,7 +116,10 @@ class CrossAttentionBlock(nn.Module):
     layer_norm = lambda name: nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
-    attn = lambda name: attention(self.num_heads, self.attention_dropout, self.dtype, train, name)
+    attn = lambda name, fn=None: attention(
+      self.num_heads, self.attention_dropout, self.dtype, train, name, fn
+    )
+    cross_attn = lambda: attn("cross_attn", attention_to_images(image_index))
     image = image_tokens.astype(self.dtype)
     pick = (lambda y: y) if rows is None else (lambda y: take_rows(y, rows))
     if rows is not None:
@@ -78,13 +127,13 @@ class CrossAttentionBlock(nn.Module):
     if self.style == "post_ln":
       y = attn("self_attn")(pick(x), x, x, mask=self_mask)
       x = layer_norm("ln_self")(pick(x) + drop(y))
-      x = layer_norm("ln_cross")(x + drop(attn("cross_attn")(x, image, mask=cross_mask)))
+      x = layer_norm("ln_cross")(x + drop(cross_attn()(x, image, mask=cross_mask)))
       y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
       return layer_norm("ln_mlp")(x + drop(y))
     y = layer_norm("ln_self")(x)
     x = pick(x) + drop(attn("self_attn")(pick(y), y, y, mask=self_mask))
     y = layer_norm("ln_cross")(x)
-    x = x + drop(attn("cross_attn")(y, image, mask=cross_mask))
+    x = x + drop(cross_attn()(y, image, mask=cross_mask))
     y = layer_norm("ln_mlp")(x)
     return x + drop(MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train))
 
@@ -123,6 +172,7 @@ class FusionEncoder(nn.Module):
     image_mask: jax.Array | None = None,
     train: bool = False,
     rows: jax.Array | None = None,
+    image_index: jax.Array | None = None,
   ) -> jax.Array:
     """Fuses text with image tokens.
 
@@ -135,6 +185,9 @@ class FusionEncoder(nn.Module):
       rows: optional int `[B, K]`: compute only these positions of the output, `[B, K, D]`, equal
         to the full output's rows there (ITM reads the CLS row alone): the last block runs its
         queries, cross-attention and MLP on these rows only (`CrossAttentionBlock`'s `rows`).
+      image_index: optional int `[B]`: text row b is fused with image `image_index[b]` of
+        image_tokens (and image_mask) `[M, T, Di]`, each image's keys and values projected once
+        per block (`attention_to_images`); None: image_tokens is `[B, T, Di]`, one per text row.
 
     Returns:
       `[B, L, D]` fused tokens after the final LayerNorm (`[B, K, D]` with `rows`).
@@ -142,6 +195,8 @@ class FusionEncoder(nn.Module):
     if self.style not in STYLES:
       raise ConfigError(f"unknown fusion style {self.style!r}; choose one of {STYLES}")
     self_mask = key_padding_mask(text_mask)
+    if image_mask is not None and image_index is not None:
+      image_mask = image_mask[image_index]
     cross_mask = None if image_mask is None else key_padding_mask(image_mask)
     block = dict(
       num_heads=self.num_heads,
@@ -154,16 +209,17 @@ class FusionEncoder(nn.Module):
     )
     x = text_tokens.astype(self.dtype)
     options = dict(remat=self.remat, policy=self.remat_policy)
-    # train_argnum counts `self` as 0: (self, x, image_tokens, self_mask, cross_mask, train).
+    # train_argnum counts `self` as 0:
+    # (self, x, image_tokens, self_mask, cross_mask, image_index, train).
     blocks = scan.make_blocks(
       CrossAttentionBlock,
       block,
       self.depth,
       scan_layers=self.scan_layers,
-      train_argnum=5,
+      train_argnum=6,
       **options,
     )
-    inputs = (x, image_tokens, self_mask, cross_mask)
+    inputs = (x, image_tokens, self_mask, cross_mask, image_index)
     if rows is None or not self.depth or self.is_initializing():  # init creates every block
       x = scan.apply_blocks(blocks, *inputs, depth=self.depth, train=train, **options)
       x = x if rows is None else take_rows(x, rows)

@@ -63,9 +63,15 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def attention(
-  num_heads: int, dropout: float, dtype: Dtype, train: bool, name: str | None = None
+  num_heads: int,
+  dropout: float,
+  dtype: Dtype,
+  train: bool,
+  name: str | None = None,
+  attention_fn: Any = None,
 ) -> nn.MultiHeadDotProductAttention:
-  """Multi-head attention with float32 parameters and a float32 softmax."""
+  """Multi-head attention with float32 parameters and a float32 softmax; `attention_fn` replaces
+  `nn.dot_product_attention` on the projected queries, keys and values (same arguments)."""
   return nn.MultiHeadDotProductAttention(
     num_heads=num_heads,
     dtype=dtype,
@@ -74,6 +80,7 @@ def attention(
     deterministic=not train,
     force_fp32_for_softmax=True,
     name=name,
+    **({} if attention_fn is None else {"attention_fn": attention_fn}),
   )
 
 

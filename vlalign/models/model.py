@@ -284,10 +284,13 @@ class ALBEFModel(TwoTower):
     image_tokens: jax.Array,
     train: bool = False,
     rows: jax.Array | None = None,
+    image_index: jax.Array | None = None,
   ) -> jax.Array:
     """text_tokens `[B, L, D]`, text_mask `[B, L]`, image_tokens `[B, 1+N, Di]` -> `[B, L, D]`
-    (`[B, K, D]`, the fused tokens at those positions only, with `rows` int `[B, K]`)."""
-    return self.fusion(text_tokens, text_mask, image_tokens, None, train, rows)
+    (`[B, K, D]`, the fused tokens at those positions only, with `rows` int `[B, K]`). With
+    `image_index` int `[B]`, image_tokens is `[M, 1+N, Di]` and text b is fused with image
+    `image_index[b]` (`FusionEncoder`'s `image_index`)."""
+    return self.fusion(text_tokens, text_mask, image_tokens, None, train, rows, image_index)
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     """fused `[B, L, D]` -> ITM logits `[B, 2]` float32 from position 0 (class 1 = match)."""
@@ -299,11 +302,14 @@ class ALBEFModel(TwoTower):
     text_mask: jax.Array,
     image_tokens: jax.Array,
     train: bool = False,
+    image_index: jax.Array | None = None,
   ) -> jax.Array:
-    """ITM logits `[B, 2]` of the pairs (text b, image b); the fusion's last block computes the
-    CLS row alone (`fuse`'s `rows`), the only one ITM reads."""
+    """ITM logits `[B, 2]` of the pairs (text b, image b), or (text b, image `image_index[b]`)
+    (see `fuse`); the fusion's last block computes the CLS row alone (`fuse`'s `rows`), the only
+    one ITM reads."""
     cls_row = jnp.zeros((text_tokens.shape[0], 1), jnp.int32)
-    return self.itm_logits(self.fuse(text_tokens, text_mask, image_tokens, train, cls_row))
+    fused = self.fuse(text_tokens, text_mask, image_tokens, train, cls_row, image_index)
+    return self.itm_logits(fused)
 
   def mlm_logits(self, fused: jax.Array) -> jax.Array:
     """fused `[B, L, D]` -> MLM logits `[B, L, V]` float32 (decoder tied unless `tie_mlm=False`)."""
@@ -333,11 +339,13 @@ class ALBEFModel(TwoTower):
       (t_{neg_text[b]}, v_b), the order of `vlalign.losses.matching.itm_labels`.
     """
     text, image = out["txt/tokens"], out["img/all_tokens"]
+    own_image = jnp.arange(text.shape[0], dtype=jnp.int32)
     logits = self.itm_match_logits(
       jnp.concatenate([text, text, text[neg_text]]),
       jnp.concatenate([text_mask, text_mask, text_mask[neg_text]]),
-      jnp.concatenate([image, image[neg_image], image]),
+      image,  # each image's cross-attention keys and values projected once, not 3 times
       train,
+      image_index=jnp.concatenate([own_image, neg_image.astype(jnp.int32), own_image]),
     )
     return {"itm/logits": logits}
 
