@@ -11,6 +11,7 @@ checkpoint's upper layers). All image tokens (CLS included) are valid keys unles
 otherwise.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from vlalign.models.layers import (
   PARAM_DTYPE,
   Dtype,
   MlpBlock,
+  apply_blocks_at_rows,
   attention,
   gelu,
   key_padding_mask,
@@ -42,32 +44,10 @@ def attention_to_images(image_index: jax.Array | None) -> Any:
   if image_index is None:
     return None
 
-  def attend(
-    query,
-    key,
-    value,
-    mask=None,
-    broadcast_dropout=True,
-    dropout_rng=None,
-    dropout_rate=0.0,
-    deterministic=False,
-    dtype=None,
-    precision=None,
-    force_fp32_for_softmax=False,
-  ):
-    return nn.dot_product_attention(
-      query,
-      key[image_index],
-      value[image_index],
-      mask=mask,
-      broadcast_dropout=broadcast_dropout,
-      dropout_rng=dropout_rng,
-      dropout_rate=dropout_rate,
-      deterministic=deterministic,
-      dtype=dtype,
-      precision=precision,
-      force_fp32_for_softmax=force_fp32_for_softmax,
-    )
+  # `wraps` gives `attend` the signature by which Flax's attention picks the arguments it passes.
+  @functools.wraps(nn.dot_product_attention)
+  def attend(query, key, value, **kwargs):
+    return nn.dot_product_attention(query, key[image_index], value[image_index], **kwargs)
 
   return attend
 
@@ -125,8 +105,8 @@ class CrossAttentionBlock(nn.Module):
     if rows is not None:
       self_mask, cross_mask = query_rows_mask(self_mask, rows), query_rows_mask(cross_mask, rows)
     if self.style == "post_ln":
-      y = attn("self_attn")(pick(x), x, x, mask=self_mask)
-      x = layer_norm("ln_self")(pick(x) + drop(y))
+      x_rows = pick(x)
+      x = layer_norm("ln_self")(x_rows + drop(attn("self_attn")(x_rows, x, x, mask=self_mask)))
       x = layer_norm("ln_cross")(x + drop(cross_attn()(x, image, mask=cross_mask)))
       y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
       return layer_norm("ln_mlp")(x + drop(y))
@@ -219,12 +199,19 @@ class FusionEncoder(nn.Module):
       train_argnum=6,
       **options,
     )
-    inputs = (x, image_tokens, self_mask, cross_mask, image_index)
-    if rows is None or not self.depth or self.is_initializing():  # init creates every block
-      x = scan.apply_blocks(blocks, *inputs, depth=self.depth, train=train, **options)
-      x = x if rows is None else take_rows(x, rows)
-    else:
-      x = scan.apply_blocks(blocks, *inputs, depth=self.depth, train=train, rows=rows, **options)
+    x = apply_blocks_at_rows(
+      self,
+      blocks,
+      x,
+      image_tokens,
+      self_mask,
+      cross_mask,
+      image_index,
+      depth=self.depth,
+      train=train,
+      rows=rows,
+      **options,
+    )
     if self.style == "post_ln":
       return x
     return nn.LayerNorm(

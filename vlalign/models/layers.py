@@ -223,6 +223,26 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout)(self._scale("ls_mlp", y), deterministic=not train)
 
 
+def apply_blocks_at_rows(
+  module: nn.Module,
+  blocks: Any,
+  x: jax.Array,
+  *args: Any,
+  depth: int,
+  train: bool,
+  rows: jax.Array | None = None,
+  **options: Any,
+) -> jax.Array:
+  """`scan.apply_blocks` of `module`'s blocks, returning the output at `rows` (int `[B, K]`) only,
+  `[B, K, D]`: the last block computes just those rows (its `rows` argument). While `module`
+  initialises (every block's parameters are created in full) or without blocks, every row is
+  computed and the rows are taken. rows None: `[B, L, D]`, every row."""
+  if rows is None or not depth or module.is_initializing():
+    x = scan.apply_blocks(blocks, x, *args, depth=depth, train=train, **options)
+    return x if rows is None else take_rows(x, rows)
+  return scan.apply_blocks(blocks, x, *args, depth=depth, train=train, rows=rows, **options)
+
+
 class Encoder(nn.Module):
   """`depth` pre-LN `EncoderBlock`s and a final LayerNorm: `[B, L, D] -> [B, L, D]`.
 
@@ -281,11 +301,9 @@ class Encoder(nn.Module):
     blocks = scan.make_blocks(
       EncoderBlock, block, self.depth, scan_layers=self.scan_layers, train_argnum=3, **options
     )
-    if rows is None or not self.depth or self.is_initializing():  # init creates every block
-      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, **options)
-      x = x if rows is None else take_rows(x, rows)
-    else:
-      x = scan.apply_blocks(blocks, x, mask, depth=self.depth, train=train, rows=rows, **options)
+    x = apply_blocks_at_rows(
+      self, blocks, x, mask, depth=self.depth, train=train, rows=rows, **options
+    )
     return nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln_final"
     )(x)
