@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlalign.models import layers
+from vlalign.models import bert, layers
 
 
 def test_gelu_is_exact():
@@ -76,6 +76,58 @@ def test_attention_dropout_in_training():
   evaluate = layers.attention(2, 0.5, jnp.float32, False).apply(variables, x)
   want = _attention_ref(variables["params"], np.asarray(x), np.asarray(x), None, 2)
   np.testing.assert_allclose(evaluate, want, rtol=1e-5, atol=1e-5)
+
+
+# Self-attention modules with `nn.MultiHeadDotProductAttention`'s parameters, as
+# `make(heads, rate, train)` -> (module, call(module, variables, x, rngs)).
+ATTENTION_MODULES = {
+  "layers.attention": lambda heads, rate, train: (
+    layers.attention(heads, rate, jnp.float32, train),
+    lambda module, variables, x, **kw: module.apply(variables, x, **kw),
+  ),
+  "bert.SelfAttention": lambda heads, rate, train: (
+    bert.SelfAttention(heads, rate),
+    lambda module, variables, x, **kw: module.apply(variables, x, None, train, **kw),
+  ),
+}
+
+
+def _dropped_probabilities(kind: str, heads: int, batch: int, length: int, rate: float, train):
+  """An attention module's probabilities after dropout, `[B, H, L, L]`, on B copies of one
+  example: the tokens are one-hot (`x = I`, D = H * L) and every head's values are the tokens'
+  first L features (v_k = e_k), so head h's output row q is its probability row.
+  """
+  x = jnp.broadcast_to(jnp.eye(length, heads * length), (batch, length, heads * length))
+  module, call = ATTENTION_MODULES[kind](heads, rate, train)
+  params = module.init(jax.random.key(0), x)["params"]
+  value = np.zeros((heads * length, heads, length), np.float32)
+  value[:length] = np.eye(length)[:, None, :]
+  params = {
+    **params,
+    "value": {"kernel": value, "bias": np.zeros((heads, length), np.float32)},
+    "out": {
+      "kernel": np.eye(heads * length, dtype=np.float32).reshape(heads, length, heads * length),
+      "bias": np.zeros(heads * length, np.float32),
+    },
+  }
+  out = call(module, {"params": params}, x, rngs={"dropout": jax.random.key(3)})
+  return np.asarray(out).reshape(batch, length, heads, length).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_MODULES))
+def test_attention_dropout_draws_each_example_and_head_on_its_own(kind):
+  """PyTorch BERT drops `attention_probs` `[B, H, Lq, Lk]` element by element: identical
+  examples and heads get different masks. (Flax's default shares one `[Lq, Lk]` mask across the
+  batch and the heads.) Kept probabilities are scaled by 1 / (1 - rate)."""
+  heads, batch, length, rate = 2, 6, 8, 0.5
+  dropped = _dropped_probabilities(kind, heads, batch, length, rate, train=True)
+  probs = _dropped_probabilities(kind, heads, batch, length, rate, train=False)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  masks = (dropped != 0).reshape(batch * heads, length * length)
+  assert len({m.tobytes() for m in masks}) == batch * heads  # every (example, head) its own mask
+  assert 0.4 < 1 - masks.mean() < 0.6  # 768 draws at rate 0.5
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], probs[kept] / (1 - rate), rtol=1e-5)
 
 
 @pytest.mark.parametrize("width,features", [(8, 24), (24, 8)])

@@ -72,6 +72,7 @@ class SelfAttention(nn.Module):
       mask=mask,
       dropout_rng=None if deterministic else self.make_rng("dropout"),
       dropout_rate=self.dropout,
+      broadcast_dropout=False,  # one draw per element, as `attention()`
       deterministic=deterministic,
       dtype=self.dtype,
       force_fp32_for_softmax=True,

@@ -71,12 +71,17 @@ def attention(
   attention_fn: Any = None,
 ) -> nn.MultiHeadDotProductAttention:
   """Multi-head attention with float32 parameters and a float32 softmax; `attention_fn` replaces
-  `nn.dot_product_attention` on the projected queries, keys and values (same arguments)."""
+  `nn.dot_product_attention` on the projected queries, keys and values (same arguments).
+
+  The dropout on the attention probabilities `[B, H, Lq, Lk]` draws each element on its own, as
+  PyTorch's `nn.Dropout` on BERT's `attention_probs` does; Flax's default (`broadcast_dropout`)
+  would share one `[Lq, Lk]` mask across the batch and the heads."""
   return nn.MultiHeadDotProductAttention(
     num_heads=num_heads,
     dtype=dtype,
     param_dtype=PARAM_DTYPE,
     dropout_rate=dropout,
+    broadcast_dropout=False,
     deterministic=not train,
     force_fp32_for_softmax=True,
     name=name,
