@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vlalign.models import build_model, fusion, layers
+from vlalign.models.bert import Bert
 from vlalign.models.model import ALBEFModel
 
 BATCH = 8
@@ -403,3 +404,60 @@ def test_albef_untied_mlm_and_bf16():
   assert mlm.shape == (BATCH, MAX_LEN, VOCAB)
   for value in (fused, itm, mlm):
     assert np.isfinite(np.asarray(value, np.float32)).all()
+
+
+@pytest.mark.parametrize("style", fusion.STYLES)
+def test_fresh_fusion_kernels_start_as_in_bert_for_post_ln(style):
+  """`post_ln` blocks are BERT's layers: their kernels start from BERT's normal(0.02), so the
+  cross-attention a BERT checkpoint does not hold starts as ALBEF's (`BertModel.init_weights`),
+  with zero biases and unit LayerNorm scales. `pre_ln` blocks keep Flax's LeCun normal,
+  std 1/sqrt(fan_in)."""
+  width, image_width = 96, 128
+  encoder = fusion.FusionEncoder(depth=1, num_heads=2, mlp_dim=192, style=style)
+  text = jnp.zeros((1, 4, width))
+  params = encoder.init(jax.random.key(0), text, jnp.ones((1, 4)), jnp.zeros((1, 3, image_width)))
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]
+  }
+  kernels = {k: v for k, v in flat.items() if k.endswith("kernel")}
+  fan_in = {"cross_attn/key": image_width, "cross_attn/value": image_width, "mlp/fc2": 192}
+  assert len(kernels) == 10  # q, k, v, out of both attentions; fc1, fc2
+  for name, kernel in kernels.items():
+    fan = next((f for k, f in fan_in.items() if k in name), width)
+    want = 0.02 if style == "post_ln" else 1 / math.sqrt(fan)
+    assert abs(kernel.std() / want - 1) < 0.1, (name, kernel.std(), want)
+    assert abs(kernel.mean()) < 0.1 * want, name
+  assert all(not v.any() for k, v in flat.items() if k.endswith("bias"))
+  assert all((v == 1).all() for k, v in flat.items() if k.endswith("scale"))
+
+
+@pytest.mark.parametrize("lora", [None, dict(rank=2, targets=["query", "fc1"])])
+def test_fresh_bert_tower_starts_as_bert(lora):
+  """A `bert` tower trained from scratch starts as `BertModel.init_weights` starts it: every
+  kernel and embedding normal(0.02), biases zero, LayerNorm scales one (the LoRA-capable path
+  too, apart from the adapters)."""
+  tower = Bert(
+    vocab_size=100,
+    max_len=16,
+    width=96,
+    depth=1,
+    num_heads=2,
+    mlp_dim=192,
+    pool="pooler",
+    lora=lora,
+  )
+  ids = jnp.ones((1, 4), jnp.int32)
+  params = tower.init(jax.random.key(0), ids, jnp.ones((1, 4)))["params"]
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  weights = {
+    k: v for k, v in flat.items() if k.endswith(("kernel", "embedding")) and "lora" not in k
+  }
+  assert len(weights) >= 10  # q, k, v, out, fc1, fc2, pooler, three embeddings
+  for name, weight in weights.items():
+    assert abs(weight.std() / 0.02 - 1) < 0.15, (name, weight.std())
+  assert all(not v.any() for k, v in flat.items() if k.endswith("bias"))
+  assert all((v == 1).all() for k, v in flat.items() if k.endswith("scale"))

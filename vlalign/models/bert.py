@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from vlalign.errors import ConfigError
 from vlalign.models import TOWERS, scan
 from vlalign.models.layers import (
+  BERT_KERNEL_INIT,
   PARAM_DTYPE,
   Dtype,
   MlpBlock,
@@ -32,6 +33,8 @@ from vlalign.models.lora import add_lora, check_lora
 from vlalign.models.text import pool_tokens
 
 BERT_POOLS = ("first", "mean", "pooler")
+# Dense layers as BERT initialises them (`layers.BERT_KERNEL_INIT`), with float32 parameters.
+BERT_DENSE = dict(param_dtype=PARAM_DTYPE, kernel_init=BERT_KERNEL_INIT)
 # The projections `lora.targets` may name: attention (in `attn`) and MLP (in `mlp`).
 BERT_LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
 
@@ -61,7 +64,7 @@ class SelfAttention(nn.Module):
       y, inputs, self.lora, name, train, in_axes, self.dtype
     )
     dense = lambda name: nn.DenseGeneral(
-      (self.num_heads, head_dim), dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+      (self.num_heads, head_dim), name=name, **BERT_DENSE, dtype=self.dtype
     )
     q, k, v = (adapt(dense(name)(x), name, x) for name in ("query", "key", "value"))
     deterministic = not train or self.dropout == 0.0
@@ -77,9 +80,7 @@ class SelfAttention(nn.Module):
       dtype=self.dtype,
       force_fp32_for_softmax=True,
     )
-    out = nn.DenseGeneral(
-      x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=PARAM_DTYPE, name="out"
-    )(y)
+    out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out", **BERT_DENSE, dtype=self.dtype)(y)
     return adapt(out, "out", y, in_axes=2)
 
 
@@ -96,7 +97,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     adapt = lambda y, name, inputs: add_lora(y, inputs, self.lora, name, train, 1, self.dtype)
     dense = lambda width, name: nn.Dense(
-      width, dtype=self.dtype, param_dtype=PARAM_DTYPE, dot_general=dense_dot_general, name=name
+      width, dot_general=dense_dot_general, name=name, **BERT_DENSE, dtype=self.dtype
     )
     y = activation_fn("gelu")(adapt(dense(self.mlp_dim, "fc1")(x), "fc1", x))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -129,7 +130,10 @@ class PostLNBlock(nn.Module):
     """x `[B, L, D]`; mask boolean, broadcastable to `[B, 1, L, L]`."""
     ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     if self.lora is None:
-      y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(x, mask=mask)
+      attn = attention(
+        self.num_heads, self.attention_dropout, self.dtype, train, "attn", None, BERT_KERNEL_INIT
+      )
+      y = attn(x, mask=mask)
     else:
       attn = SelfAttention(
         self.num_heads, self.attention_dropout, self.lora, self.dtype, name="attn"
@@ -137,7 +141,10 @@ class PostLNBlock(nn.Module):
       y = attn(x, mask, train)
     x = nn.LayerNorm(**ln, name="ln_attn")(x + nn.Dropout(self.dropout)(y, deterministic=not train))
     if self.lora is None:
-      y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
+      mlp = MlpBlock(
+        self.mlp_dim, self.dropout, self.dtype, kernel_init=BERT_KERNEL_INIT, name="mlp"
+      )
+      y = mlp(x, train)
     else:
       y = Mlp(self.mlp_dim, self.dropout, self.lora, self.dtype, name="mlp")(x, train)
     return nn.LayerNorm(**ln, name="ln_mlp")(
@@ -222,7 +229,7 @@ class Bert(nn.Module):
       train_argnum=3,
     )
     if self.pool == "pooler":
-      self.pooler = nn.Dense(self.width, dtype=self.dtype, param_dtype=PARAM_DTYPE)
+      self.pooler = nn.Dense(self.width, **BERT_DENSE, dtype=self.dtype)
 
   def embedding_table(self) -> jax.Array:
     """The float32 word-piece embedding table `[V, D]` (for an MLM decoder tied to it)."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from vlalign.errors import ConfigError
 from vlalign.models import scan
 from vlalign.models.layers import (
+  BERT_KERNEL_INIT,
   PARAM_DTYPE,
   Dtype,
   MlpBlock,
@@ -60,6 +61,9 @@ class CrossAttentionBlock(nn.Module):
   `LN(x + Drop(SelfAttn(x)))`, then `LN(x + Drop(CrossAttn(x, image)))`, then
   `LN(x + Drop(Mlp(x)))`.
   The cross-attention maps the image tokens' width Di to D in its key/value projections.
+  `post_ln` blocks are BERT's layers and start as BERT's (`layers.BERT_KERNEL_INIT`, normal(0.02)
+  kernels), so a cross-attention no checkpoint holds starts as ALBEF's; `pre_ln` kernels start
+  from Flax's LeCun normal.
   """
 
   num_heads: int
@@ -96,9 +100,11 @@ class CrossAttentionBlock(nn.Module):
     layer_norm = lambda name: nn.LayerNorm(
       epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
     )
+    kernel_init = BERT_KERNEL_INIT if self.style == "post_ln" else None
     attn = lambda name, fn=None: attention(
-      self.num_heads, self.attention_dropout, self.dtype, train, name, fn
+      self.num_heads, self.attention_dropout, self.dtype, train, name, fn, kernel_init
     )
+    mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, kernel_init=kernel_init, name="mlp")
     cross_attn = lambda: attn("cross_attn", attention_to_images(image_index))
     image = image_tokens.astype(self.dtype)
     pick = (lambda y: y) if rows is None else (lambda y: take_rows(y, rows))
@@ -108,14 +114,13 @@ class CrossAttentionBlock(nn.Module):
       x_rows = pick(x)
       x = layer_norm("ln_self")(x_rows + drop(attn("self_attn")(x_rows, x, x, mask=self_mask)))
       x = layer_norm("ln_cross")(x + drop(cross_attn()(x, image, mask=cross_mask)))
-      y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(x, train)
-      return layer_norm("ln_mlp")(x + drop(y))
+      return layer_norm("ln_mlp")(x + drop(mlp(x, train)))
     y = layer_norm("ln_self")(x)
     x = pick(x) + drop(attn("self_attn")(pick(y), y, y, mask=self_mask))
     y = layer_norm("ln_cross")(x)
     x = x + drop(cross_attn()(y, image, mask=cross_mask))
     y = layer_norm("ln_mlp")(x)
-    return x + drop(MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train))
+    return x + drop(mlp(y, train))
 
 
 class FusionEncoder(nn.Module):

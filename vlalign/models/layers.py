@@ -62,6 +62,17 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
+# BERT's initialisation of its linear layers' kernels (`initializer_range` 0.02; biases start at
+# zero, as Flax's do). BERT-style layers (the `bert` tower, `post_ln` fusion blocks) start from it,
+# so the ones a checkpoint does not hold, such as ALBEF's cross-attention, start as in ALBEF.
+BERT_KERNEL_INIT = nn.initializers.normal(0.02)
+
+
+def kernel_init_option(kernel_init: Any) -> dict[str, Any]:
+  """`{"kernel_init": kernel_init}`, or `{}` for None (the Flax module's default)."""
+  return {} if kernel_init is None else {"kernel_init": kernel_init}
+
+
 def attention(
   num_heads: int,
   dropout: float,
@@ -69,9 +80,11 @@ def attention(
   train: bool,
   name: str | None = None,
   attention_fn: Any = None,
+  kernel_init: Any = None,
 ) -> nn.MultiHeadDotProductAttention:
   """Multi-head attention with float32 parameters and a float32 softmax; `attention_fn` replaces
-  `nn.dot_product_attention` on the projected queries, keys and values (same arguments).
+  `nn.dot_product_attention` on the projected queries, keys and values (same arguments);
+  `kernel_init` the projections' kernel initialiser (None: Flax's default, LeCun normal).
 
   The dropout on the attention probabilities `[B, H, Lq, Lk]` draws each element on its own, as
   PyTorch's `nn.Dropout` on BERT's `attention_probs` does; Flax's default (`broadcast_dropout`)
@@ -86,6 +99,7 @@ def attention(
     force_fp32_for_softmax=True,
     name=name,
     **({} if attention_fn is None else {"attention_fn": attention_fn}),
+    **kernel_init_option(kernel_init),
   )
 
 
@@ -152,17 +166,24 @@ def dense_dot_general(x, w, dimension_numbers, precision=None, preferred_element
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> activation -> Dropout -> Dense(D): `[..., D] -> [..., D]`."""
+  """Dense(mlp_dim) -> activation -> Dropout -> Dense(D): `[..., D] -> [..., D]`
+  (`kernel_init`: the kernels' initialiser; None: Flax's default)."""
 
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   activation: str = "gelu"
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     width = x.shape[-1]
-    dense = dict(dtype=self.dtype, param_dtype=PARAM_DTYPE, dot_general=dense_dot_general)
+    dense = dict(
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+      dot_general=dense_dot_general,
+      **kernel_init_option(self.kernel_init),
+    )
     y = nn.Dense(self.mlp_dim, **dense, name="fc1")(x)
     y = activation_fn(self.activation)(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
