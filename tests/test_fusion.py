@@ -461,3 +461,42 @@ def test_fresh_bert_tower_starts_as_bert(lora):
     assert abs(weight.std() / 0.02 - 1) < 0.15, (name, weight.std())
   assert all(not v.any() for k, v in flat.items() if k.endswith("bias"))
   assert all((v == 1).all() for k, v in flat.items() if k.endswith("scale"))
+
+
+@pytest.mark.parametrize("style", fusion.STYLES)
+def test_albef_heads_start_as_the_reference_code_for_post_ln(style):
+  """ALBEF's BERT-style model (`post_ln`) starts its fresh heads as ALBEF's code does:
+  `vision_proj`, `text_proj` and `itm_head` as `torch.nn.Linear` (kernel and bias
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in))), the MLM transform as BERT's (normal(0.02), LayerNorm
+  epsilon from `model.text`). `pre_ln` keeps Flax's (LeCun normal kernels, zero biases)."""
+  width = 64
+  config = albef_config(
+    **{
+      "fusion_style": style,
+      "text.width": width,
+      "text.mlp_dim": 2 * width,
+      "text.layer_norm_eps": 1e-12,
+      "embed_dim": 48,
+    }
+  )
+  model = build_model(config)
+  variables = model.init(jax.random.key(0), make_batch())
+  params = jax.device_get(variables["params"])
+  linears = {
+    "image_proj": (params["image_proj"]["out"], IMAGE_WIDTH),
+    "text_proj": (params["text_proj"]["out"], width),
+    "itm_head": (params["itm_head"]["classifier"], width),
+  }
+  for name, (dense, fan_in) in linears.items():
+    bound = 1 / math.sqrt(fan_in)
+    kernel, bias = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
+    if style == "post_ln":
+      assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, name
+      assert np.abs(kernel).max() > 0.9 * bound and bias.std() > 0.2 * bound, name
+    else:
+      assert np.abs(kernel).max() > bound and not bias.any(), name  # normal tails beyond it
+  transform = np.asarray(params["mlm_head"]["transform"]["kernel"])
+  want = 0.02 if style == "post_ln" else 1 / math.sqrt(width)
+  assert abs(transform.std() / want - 1) < 0.1
+  eps = model.bind(variables).mlm_head.layer_norm_eps
+  assert eps == (1e-12 if style == "post_ln" else 1e-6)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from vlalign.errors import ConfigError
 from vlalign.models import scan
+from vlalign.models.heads import dense_init
 from vlalign.models.layers import (
   BERT_KERNEL_INIT,
   PARAM_DTYPE,
@@ -28,6 +29,7 @@ from vlalign.models.layers import (
   apply_blocks_at_rows,
   attention,
   gelu,
+  kernel_init_option,
   key_padding_mask,
   query_rows_mask,
   take_rows,
@@ -225,13 +227,22 @@ class FusionEncoder(nn.Module):
 
 
 class ITMHead(nn.Module):
-  """Image-text matching: `[B, D]` fused CLS -> `[B, 2]` float32 logits (class 1 = match)."""
+  """Image-text matching: `[B, D]` fused CLS -> `[B, 2]` float32 logits (class 1 = match).
+  `torch_init`: the classifier starts as PyTorch's `nn.Linear` (ALBEF's `itm_head`)."""
 
   dtype: Dtype = jnp.float32
+  torch_init: bool = False
 
   @nn.compact
   def __call__(self, cls: jax.Array) -> jax.Array:
-    logits = nn.Dense(2, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="classifier")(cls)
+    classifier = nn.Dense(
+      2,
+      dtype=self.dtype,
+      param_dtype=PARAM_DTYPE,
+      name="classifier",
+      **dense_init(self.torch_init, cls.shape[-1]),
+    )
+    logits = classifier(cls)
     return logits.astype(jnp.float32)
 
 
@@ -244,22 +255,27 @@ class MLMHead(nn.Module):
   Attributes:
     vocab_size: V.
     dtype: compute dtype; the logits are returned in float32.
+    layer_norm_eps: the transform's LayerNorm epsilon (BERT: 1e-12).
+    kernel_init: the Dense kernels' initialiser (BERT's: `layers.BERT_KERNEL_INIT`); None:
+      Flax's default.
   """
 
   vocab_size: int
   dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-6
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
     """x `[B, L, D]`, embedding `[V, D]` or None -> logits `[B, L, V]` float32."""
     width = x.shape[-1]
-    h = nn.Dense(width, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="transform")(x)
-    h = gelu(h)
-    h = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln")(h)
+    dense = dict(dtype=self.dtype, param_dtype=PARAM_DTYPE, **kernel_init_option(self.kernel_init))
+    h = gelu(nn.Dense(width, **dense, name="transform")(x))
+    h = nn.LayerNorm(
+      epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="ln"
+    )(h)
     if embedding is None:
-      logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="decoder")(
-        h
-      )
+      logits = nn.Dense(self.vocab_size, **dense, name="decoder")(h)
       return logits.astype(jnp.float32)
     if embedding.shape != (self.vocab_size, width):
       raise ValueError(

@@ -63,6 +63,7 @@ from vlalign.errors import ConfigError
 from vlalign.models import MODELS, build_tower, scan, tower_outputs
 from vlalign.models.fusion import FusionEncoder, ITMHead, MLMHead
 from vlalign.models.heads import Codebook, Projection, l2_normalize
+from vlalign.models.layers import BERT_KERNEL_INIT
 
 Batch = dict[str, jax.Array]
 Outputs = dict[str, jax.Array]
@@ -139,16 +140,26 @@ class TwoTower(nn.Module):
   config: Any
   default_proj_bias = False
 
+  def torch_heads(self) -> bool:
+    """Whether the fresh heads start as the reference PyTorch code's `nn.Linear`s
+    (`heads.torch_linear_init`); two towers: Flax's defaults (LeCun normal, as open_clip's
+    width^-0.5 projections)."""
+    return False
+
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.get("dtype", "float32"))
     layers = scan.layer_options(c)
-    proj_bias = bool(c.get("proj_bias", self.default_proj_bias))
+    proj = dict(
+      hidden=c.get("proj_hidden"),
+      use_bias=bool(c.get("proj_bias", self.default_proj_bias)),
+      torch_init=self.torch_heads(),
+    )
     self.image_encoder = build_tower(c.image, "model.image", dtype=dtype, **layers)
     self.text_encoder = build_tower(c.text, "model.text", dtype=dtype, **layers)
     if c.get("projection", True):
-      self.image_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
-      self.text_proj = Projection(c.embed_dim, hidden=c.get("proj_hidden"), use_bias=proj_bias)
+      self.image_proj = Projection(c.embed_dim, **proj)
+      self.text_proj = Projection(c.embed_dim, **proj)
     else:  # The towers' pooled outputs are the embeddings (SigLIP's MAP head and text head).
       self.image_proj = self.text_proj = lambda x: x
     if temperature_mode(c) == "tau":
@@ -253,8 +264,24 @@ class ALBEFModel(TwoTower):
       **scan.layer_options(c),
       layer_norm_eps=text.get("layer_norm_eps", 1e-6),
     )
-    self.itm_head = ITMHead(dtype=dtype)
-    self.mlm_head = MLMHead(text.vocab_size, dtype=dtype)
+    bert_style = self.torch_heads()
+    self.itm_head = ITMHead(dtype=dtype, torch_init=bert_style)
+    self.mlm_head = MLMHead(
+      text.vocab_size,
+      dtype=dtype,
+      **(
+        dict(layer_norm_eps=text.get("layer_norm_eps", 1e-12), kernel_init=BERT_KERNEL_INIT)
+        if bert_style
+        else {}
+      ),
+    )
+
+  def torch_heads(self) -> bool:
+    """ALBEF's BERT-style model (`fusion_style="post_ln"`) starts as ALBEF's code starts it:
+    `vision_proj`, `text_proj`, `itm_head` as PyTorch `nn.Linear`s, the MLM head as BERT's
+    (normal(0.02) kernels, LayerNorm epsilon from `model.text`, 1e-12 in BERT). The `pre_ln`
+    demos keep Flax's defaults."""
+    return self.config.get("fusion_style", "pre_ln") == "post_ln"
 
   def encode_image(self, images: jax.Array, train: bool = False, tokens: bool = True) -> Outputs:
     """`TwoTower.encode_image` + `img/all_tokens` `[B, 1+N, Di]`, `img/tokens_emb` `[B, N, E]`
