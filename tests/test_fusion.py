@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vlalign import pytrees
 from vlalign.models import build_model, fusion, layers
 from vlalign.models.bert import Bert
 from vlalign.models.model import ALBEFModel
@@ -416,10 +417,7 @@ def test_fresh_fusion_kernels_start_as_in_bert_for_post_ln(style):
   encoder = fusion.FusionEncoder(depth=1, num_heads=2, mlp_dim=192, style=style)
   text = jnp.zeros((1, 4, width))
   params = encoder.init(jax.random.key(0), text, jnp.ones((1, 4)), jnp.zeros((1, 3, image_width)))
-  flat = {
-    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-    for path, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]
-  }
+  flat = {k: np.asarray(v) for k, v in pytrees.named_leaves(params["params"]).items()}
   kernels = {k: v for k, v in flat.items() if k.endswith("kernel")}
   fan_in = {"cross_attn/key": image_width, "cross_attn/value": image_width, "mlp/fc2": 192}
   assert len(kernels) == 10  # q, k, v, out of both attentions; fc1, fc2
@@ -449,10 +447,7 @@ def test_fresh_bert_tower_starts_as_bert(lora):
   )
   ids = jnp.ones((1, 4), jnp.int32)
   params = tower.init(jax.random.key(0), ids, jnp.ones((1, 4)))["params"]
-  flat = {
-    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  flat = {k: np.asarray(v) for k, v in pytrees.named_leaves(params).items()}
   weights = {
     k: v for k, v in flat.items() if k.endswith(("kernel", "embedding")) and "lora" not in k
   }

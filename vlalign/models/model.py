@@ -265,16 +265,9 @@ class ALBEFModel(TwoTower):
       layer_norm_eps=text.get("layer_norm_eps", 1e-6),
     )
     bert_style = self.torch_heads()
+    bert_mlm = dict(layer_norm_eps=text.get("layer_norm_eps", 1e-12), kernel_init=BERT_KERNEL_INIT)
     self.itm_head = ITMHead(dtype=dtype, torch_init=bert_style)
-    self.mlm_head = MLMHead(
-      text.vocab_size,
-      dtype=dtype,
-      **(
-        dict(layer_norm_eps=text.get("layer_norm_eps", 1e-12), kernel_init=BERT_KERNEL_INIT)
-        if bert_style
-        else {}
-      ),
-    )
+    self.mlm_head = MLMHead(text.vocab_size, dtype=dtype, **(bert_mlm if bert_style else {}))
 
   def torch_heads(self) -> bool:
     """ALBEF's BERT-style model (`fusion_style="post_ln"`) starts as ALBEF's code starts it:
