@@ -88,6 +88,49 @@ def test_on_a_cpu_the_peak_is_a_measured_matmul_shared_by_the_simulated_devices(
   assert peak.tflops == pytest.approx(0.8 / jax.local_device_count())
 
 
+def test_a_measured_peak_is_measured_again_and_a_known_one_kept(monkeypatch):
+  monkeypatch.setattr(perf, "probe_cpu_tflops", lambda: 0.6)
+  again = perf.remeasured(perf.Peak(0.8, "measured"))
+  assert again == perf.Peak(pytest.approx(0.6 / jax.local_device_count()), "measured")
+  for known in (perf.Peak(197.0, "table"), perf.Peak(5.0, "override"), perf.Peak(None, "unknown")):
+    assert perf.remeasured(known) == known
+
+
+def test_rounds_give_the_median_step_and_the_median_of_each_rounds_own_mfu():
+  # 1e11 FLOP per step: 0.2 s -> 0.5 TFLOP/s, 0.1 s -> 1.0, 0.4 s -> 0.25.
+  out = perf.summarize_rounds([0.2, 0.1, 0.4], [1.0, 2.0, 0.25], flops=1e11, batch=64)
+  assert out["step_ms"] == pytest.approx(200.0)
+  assert out["samples_per_s"] == pytest.approx(320.0)
+  assert out["tflops_per_device"] == pytest.approx(0.5)
+  assert out["rounds_ms"] == pytest.approx([200.0, 100.0, 400.0])
+  # Each round against its own peak: 0.5 / 1.0, 1.0 / 2.0, 0.25 / 0.25. A peak measured once (the
+  # first) would give 0.5, 1.0, 0.25 instead.
+  assert out["rounds_mfu"] == pytest.approx([0.5, 0.5, 1.0])
+  assert (out["mfu"], out["mfu_min"], out["mfu_max"]) == pytest.approx((0.5, 0.5, 1.0))
+  unknown = perf.summarize_rounds([0.2, 0.1], [None, None], flops=1e11, batch=64)
+  assert "mfu" not in unknown and unknown["step_ms"] == pytest.approx(150.0)
+  assert "tflops_per_device" not in perf.summarize_rounds([0.2], [1.0], flops=None, batch=64)
+
+
+def test_train_bench_prints_a_row_and_every_round():
+  cmd = [
+    sys.executable, "bench/train_bench.py", "--config=configs/clip.py:tiny", "--steps=1",
+    "--rounds=3", "--warmup=1",
+  ]  # fmt: skip
+  env = _env()  # the suite's XLA flags: 8 simulated devices, no LLVM optimisation
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "measured again before each round" in result.stdout
+  row = re.search(r"^\| clip_tiny:tiny \| 8 \| (\d+) \|.*$", result.stdout, re.M)
+  assert row, result.stdout
+  assert re.search(r"\| \d+\.\d% \(\d+\.\d-\d+\.\d\) \|", row.group(0)), row.group(0)
+  rounds = re.search(r"^clip_tiny:tiny: rounds: (.*)$", result.stdout, re.M).group(1).split("; ")
+  assert len(rounds) == 3
+  assert all(re.fullmatch(r"\d+\.\d ms / \d+ GFLOP/s = \d+\.\d%", r) for r in rounds), rounds
+  bad = subprocess.run(cmd + ["--rounds=0"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert bad.returncode != 0 and "--rounds=0" in bad.stderr
+
+
 def test_mfu_arithmetic():
   out = perf.utilisation(flops_per_step=2e12, steps_per_s=0.5, peak_tflops=4.0)
   assert out == {"tflops_per_device": pytest.approx(1.0), "mfu": pytest.approx(0.25)}

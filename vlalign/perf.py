@@ -19,6 +19,7 @@ process. An accelerator the table does not know has no peak: MFU is then not rep
 import ctypes
 import functools
 import math
+import statistics
 import time
 from typing import Any, NamedTuple
 
@@ -90,11 +91,10 @@ def table_peak_tflops(device_kind: str) -> float | None:
   return PEAK_BF16_TFLOPS.get(device_kind.strip().lower())
 
 
-@functools.cache
-def measured_cpu_tflops(size: int = 2048, repeats: int = 5) -> float:
-  """The host's float32 matmul throughput in TFLOP/s: a jitted `[size, size] @ [size, size]` on the
-  first device, the fastest of `repeats` timed calls after one warm-up. Measured once per process
-  (about a second on 2 cores) and logged."""
+def probe_cpu_tflops(size: int = 2048, repeats: int = 5) -> float:
+  """The host's float32 matmul throughput in TFLOP/s, measured now: a jitted
+  `[size, size] @ [size, size]` on the first device, the fastest of `repeats` timed calls after
+  one warm-up (about a second on 2 cores)."""
   matmul = jax.jit(jnp.matmul)
   a = jnp.ones((size, size), jnp.float32)
   b = jnp.full((size, size), 0.5, jnp.float32)
@@ -104,7 +104,13 @@ def measured_cpu_tflops(size: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  tflops = 2 * size**3 / best / 1e12
+  return 2 * size**3 / best / 1e12
+
+
+@functools.cache
+def measured_cpu_tflops(size: int = 2048, repeats: int = 5) -> float:
+  """`probe_cpu_tflops`, measured once per process and logged."""
+  tflops = probe_cpu_tflops(size, repeats)
   logging.info(
     "measured CPU peak: %.1f GFLOP/s (float32 %dx%d matmul, best of %d)",
     tflops * 1e3,
@@ -130,6 +136,15 @@ def device_peak(override: float | None = None, device: Any = None) -> Peak:
   return Peak(None, "unknown")
 
 
+def remeasured(peak: Peak) -> Peak:
+  """`peak` measured again now if it was measured (a CPU's speed drifts with the load of the
+  machine it shares); a table or override figure as it is. A benchmark that alternates this
+  probe with timed steps gets ratios measured side by side."""
+  if peak.source != "measured":
+    return peak
+  return Peak(probe_cpu_tflops() / max(jax.local_device_count(), 1), "measured")
+
+
 def utilisation(
   flops_per_step: float | None, steps_per_s: float, peak_tflops: float | None
 ) -> dict[str, float]:
@@ -141,6 +156,26 @@ def utilisation(
   out = {"tflops_per_device": tflops}
   if peak_tflops:
     out["mfu"] = tflops / peak_tflops
+  return out
+
+
+def summarize_rounds(
+  step_seconds: list[float], peaks: list[float | None], flops: float | None, batch: int
+) -> dict:
+  """A benchmark's figures from timed rounds: round i took `step_seconds[i]` per step against a
+  device peak of `peaks[i]` TFLOP/s (None: unknown), `flops` per step per device, `batch` samples
+  per step. Samples/s, step time and TFLOP/s are those of the median step time; MFU is the median
+  of the rounds' own MFUs (each round against its own peak), with their range."""
+  step_s = statistics.median(step_seconds)
+  out = {
+    "samples_per_s": batch / step_s,
+    "step_ms": 1e3 * step_s,
+    "rounds_ms": [1e3 * s for s in step_seconds],
+    **utilisation(flops, 1 / step_s, None),
+  }
+  mfus = [utilisation(flops, 1 / s, p).get("mfu") for s, p in zip(step_seconds, peaks)]
+  if mfus and None not in mfus:
+    out.update(mfu=statistics.median(mfus), mfu_min=min(mfus), mfu_max=max(mfus), rounds_mfu=mfus)
   return out
 
 
