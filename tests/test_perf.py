@@ -112,23 +112,35 @@ def test_rounds_give_the_median_step_and_the_median_of_each_rounds_own_mfu():
   assert "tflops_per_device" not in perf.summarize_rounds([0.2], [1.0], flops=None, batch=64)
 
 
-def test_train_bench_prints_a_row_and_every_round():
-  cmd = [
-    sys.executable, "bench/train_bench.py", "--config=configs/clip.py:tiny", "--steps=1",
-    "--rounds=3", "--warmup=1",
-  ]  # fmt: skip
-  env = _env()  # the suite's XLA flags: 8 simulated devices, no LLVM optimisation
-  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "measured again before each round" in result.stdout
-  row = re.search(r"^\| clip_tiny:tiny \| 8 \| (\d+) \|.*$", result.stdout, re.M)
-  assert row, result.stdout
+def test_train_bench_refuses_zero_rounds_or_steps():
+  for flag in ("--rounds=0", "--steps=0"):
+    cmd = [sys.executable, "bench/train_bench.py", "--config=configs/clip.py:tiny", flag]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert flag in result.stderr and "must be >= 1" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_gpu_bench_script_runs_every_row_and_reports_a_failed_one(tmp_path):
+  """bench/gpu_bench.sh, as a lent GPU session would run it, here on the CPU with tiny rows: a row
+  that fails (a missing config) leaves the next row's table, and the exit status says so. The
+  row is bench/train_bench.py's: the median round's MFU with its range, and every round."""
+  rows = "configs/missing.py:tiny|;configs/clip.py:tiny|--config.batch_size=32"
+  env = _env(
+    OUT=str(tmp_path), PYTHON=sys.executable, BENCH_ROWS=rows, BENCH_FLAGS="--steps=1 --rounds=3"
+  )
+  cmd = ["bash", "bench/gpu_bench.sh", "run"]
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  log = (tmp_path / "gpu_bench.log").read_text()
+  assert "== smoke: configs/clip.py:tiny" in log
+  assert "== FAILED (1): configs/missing.py:tiny" in log
+  row = re.search(r"^\| clip_tiny:tiny \| 8 \| 32 \|.*$", log, re.M)
+  assert row and log.index("FAILED") < row.start(), log[-3000:]
+  assert "measured again before each round" in log
   assert re.search(r"\| \d+\.\d% \(\d+\.\d-\d+\.\d\) \|", row.group(0)), row.group(0)
-  rounds = re.search(r"^clip_tiny:tiny: rounds: (.*)$", result.stdout, re.M).group(1).split("; ")
+  rounds = re.findall(r"^clip_tiny:tiny: rounds: (.*)$", log, re.M)[-1].split("; ")
   assert len(rounds) == 3
   assert all(re.fullmatch(r"\d+\.\d ms / \d+ GFLOP/s = \d+\.\d%", r) for r in rounds), rounds
-  bad = subprocess.run(cmd + ["--rounds=0"], cwd=ROOT, env=env, capture_output=True, text=True)
-  assert bad.returncode != 0 and "--rounds=0" in bad.stderr
 
 
 def test_mfu_arithmetic():
