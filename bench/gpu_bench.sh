@@ -15,8 +15,9 @@
 # bench/train_bench.py on each of BENCH_ROWS, one process per row, so that one that runs out of
 # memory leaves the others' rows. Everything goes to $OUT/gpu_bench.log (and to stdout).
 # BENCH_ROWS is "config|flags;config|flags;..." (default: CLIP ViT-B/16 at 224 px, text 77, bf16,
-# and the full TCL step, each at two batch sizes; the TCL rows compare with ALBEF's ~90 pairs/s per
-# A100). Each row costs one compile (about a minute) and BENCH_FLAGS' steps.
+# at two batch sizes and once with cuDNN's flash attention in the image tower
+# (bench/attention_config.py), and the full TCL step at two batch sizes, to compare with ALBEF's
+# ~90 pairs/s per A100). Each row costs one compile (about a minute) and BENCH_FLAGS' steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -60,6 +61,7 @@ print(jax.devices())'
   echo "== smoke: $smoke"
   "$PYTHON" bench/train_bench.py --config="$smoke" --warmup=1 --steps=2 --rounds=1
   local default_rows="configs/clip.py:full|--config.batch_size=2048"
+  default_rows+=";bench/attention_config.py:clip.full.cudnn|--config.batch_size=2048"
   default_rows+=";configs/clip.py:full|--config.batch_size=4096"
   default_rows+=";configs/tcl.py:full|--config.batch_size=64"
   default_rows+=";configs/tcl.py:full|--config.batch_size=256"

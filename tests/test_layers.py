@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlalign.errors import ConfigError
 from vlalign.models import bert, layers
 
 
@@ -64,6 +65,59 @@ def test_attention_matches_numpy(kind):
   want = _attention_ref(variables["params"], xq, xk, mask, heads)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got, flax_module.apply(variables, *args, mask=mask), atol=1e-5)
+  # Through jax.nn.dot_product_attention (the "xla" implementation; "cudnn" needs a GPU).
+  fused = layers.attention(heads, 0.0, jnp.float32, False, "attn", _XLA_ATTENTION)
+  np.testing.assert_allclose(fused.apply(variables, *args, mask=mask), want, rtol=1e-5, atol=1e-5)
+
+
+_XLA_ATTENTION = layers.dot_product_attention_fn("xla")
+
+
+def _vit(**overrides):
+  from vlalign.models import vit  # noqa: PLC0415 - the tower registry imports layers
+
+  sizes = dict(width=24, depth=2, num_heads=3, mlp_dim=48, patch_size=4, image_size=16)
+  return vit.ViT(**{**sizes, **overrides})
+
+
+def test_a_vit_through_jax_attention_equals_flax_attention_with_gradients():
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  flax_vit, xla_vit = _vit(), _vit(attention_implementation="xla")
+  params = flax_vit.init(jax.random.PRNGKey(1), images)
+  assert jax.tree.map(np.shape, xla_vit.init(jax.random.PRNGKey(1), images)) == jax.tree.map(
+    np.shape, params
+  )
+  for tokens in (True, False):  # False: the last block computes the CLS row only
+    want = flax_vit.apply(params, images, tokens=tokens)
+    got = xla_vit.apply(params, images, tokens=tokens)
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+  weights = jax.random.normal(jax.random.PRNGKey(2), (2, 24))
+
+  def loss(module, p):  # not sum(cls^2): after the final LayerNorm that is nearly constant
+    out = module.apply(p, images, train=True)
+    return jnp.sum(out["cls"] * weights) + jnp.sum(jnp.sin(out["tokens"]))
+
+  want = jax.grad(functools.partial(loss, flax_vit))(params)
+  got = jax.grad(functools.partial(loss, xla_vit))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_jax_attention_refuses_attention_dropout_and_unknown_names():
+  images = jnp.zeros((1, 16, 16, 3))
+  with pytest.raises(ConfigError, match="takes no attention dropout"):
+    _vit(attention_implementation="xla", dropout=0.1).init(jax.random.PRNGKey(0), images)
+  with pytest.raises(ConfigError, match="choose one of"):
+    _vit(attention_implementation="flash").init(jax.random.PRNGKey(0), images)
+  block = layers.EncoderBlock(
+    num_heads=2, mlp_dim=8, attention_dropout=0.1, attention_implementation="xla"
+  )
+  x = jnp.zeros((1, 3, 4))
+  variables = block.init(jax.random.PRNGKey(0), x)  # no dropout outside training
+  with pytest.raises(ConfigError, match="no dropout on the attention probabilities"):
+    block.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert layers.dot_product_attention_fn("flax") is None
 
 
 def test_attention_dropout_in_training():

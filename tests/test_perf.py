@@ -125,6 +125,7 @@ def test_the_gpu_bench_script_runs_every_row_and_reports_a_failed_one(tmp_path):
   that fails (a missing config) leaves the next row's table, and the exit status says so. The
   row is bench/train_bench.py's: the median round's MFU with its range, and every round."""
   rows = "configs/missing.py:tiny|;configs/clip.py:tiny|--config.batch_size=32"
+  rows += ";bench/attention_config.py:clip.tiny.xla|"
   env = _env(
     OUT=str(tmp_path), PYTHON=sys.executable, BENCH_ROWS=rows, BENCH_FLAGS="--steps=1 --rounds=3"
   )
@@ -141,6 +142,8 @@ def test_the_gpu_bench_script_runs_every_row_and_reports_a_failed_one(tmp_path):
   rounds = re.findall(r"^clip_tiny:tiny: rounds: (.*)$", log, re.M)[-1].split("; ")
   assert len(rounds) == 3
   assert all(re.fullmatch(r"\d+\.\d ms / \d+ GFLOP/s = \d+\.\d%", r) for r in rounds), rounds
+  # The image tower's attention through jax.nn.dot_product_attention ("cudnn" on the GPU).
+  assert re.search(r"^\| clip_tiny_xla_attention:tiny \| 8 \| 16 \|", log, re.M), log[-3000:]
 
 
 def test_mfu_arithmetic():

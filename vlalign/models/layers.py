@@ -73,6 +73,39 @@ def kernel_init_option(kernel_init: Any) -> dict[str, Any]:
   return {} if kernel_init is None else {"kernel_init": kernel_init}
 
 
+ATTENTION_IMPLEMENTATIONS = ("flax", "xla", "cudnn")
+
+
+def dot_product_attention_fn(implementation: str) -> Any:
+  """An `attention_fn` for `nn.MultiHeadDotProductAttention` computing through
+  `jax.nn.dot_product_attention(implementation=...)`: "xla" (the same function as Flax's, any
+  backend) or "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs, bfloat16/float16 inputs).
+  Neither drops attention probabilities: with a dropout rate and `deterministic=False` it raises
+  ConfigError. "flax" returns None (Flax's own `nn.dot_product_attention`, with dropout).
+
+  query `[B, Lq, H, Dh]`, key and value `[B, Lk, H, Dh]`, mask boolean broadcastable to
+  `[B, H, Lq, Lk]` -> `[B, Lq, H, Dh]`."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(
+      f"attention_implementation={implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}"
+    )
+  if implementation == "flax":
+    return None
+
+  # Flax passes only the keyword arguments this signature names.
+  def attention_fn(query, key, value, bias=None, mask=None, dropout_rate=0.0, deterministic=True):
+    if dropout_rate > 0 and not deterministic:
+      raise ConfigError(
+        f"attention_implementation={implementation!r} has no dropout on the attention "
+        "probabilities: set the tower's attention dropout to 0 or use 'flax'"
+      )
+    return jax.nn.dot_product_attention(
+      query, key, value, bias=bias, mask=mask, implementation=implementation
+    )
+
+  return attention_fn
+
+
 def attention(
   num_heads: int,
   dropout: float,
@@ -203,6 +236,8 @@ class EncoderBlock(nn.Module):
     activation: the MLP's activation (`ACTIVATIONS`).
     layer_scale: scale each residual branch by a learned per-channel vector before adding it
       (LayerScale, Touvron et al. 2021; DINOv2), initialised to `layer_scale_init`.
+    attention_implementation: how attention is computed (`dot_product_attention_fn`): "flax"
+      (default), "xla" or "cudnn"; the last two take no attention dropout.
   """
 
   num_heads: int
@@ -214,6 +249,7 @@ class EncoderBlock(nn.Module):
   activation: str = "gelu"
   layer_scale: bool = False
   layer_scale_init: float = 1.0
+  attention_implementation: str = "flax"
 
   def _scale(self, name: str, y: jax.Array) -> jax.Array:
     if not self.layer_scale:
@@ -240,7 +276,8 @@ class EncoderBlock(nn.Module):
     queries = y
     if rows is not None:
       x, queries, mask = take_rows(x, rows), take_rows(y, rows), query_rows_mask(mask, rows)
-    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn")(
+    attention_fn = dot_product_attention_fn(self.attention_implementation)
+    y = attention(self.num_heads, self.attention_dropout, self.dtype, train, "attn", attention_fn)(
       queries, y, y, mask=mask
     )
     x = x + nn.Dropout(self.dropout)(self._scale("ls_attn", y), deterministic=not train)
@@ -275,7 +312,7 @@ class Encoder(nn.Module):
   Attributes:
     depth: number of blocks.
     num_heads, mlp_dim, dropout, attention_dropout, dtype, layer_norm_eps, activation,
-      layer_scale, layer_scale_init: as in `EncoderBlock`.
+      layer_scale, layer_scale_init, attention_implementation: as in `EncoderBlock`.
     remat: recompute each block's activations in the backward pass (`nn.remat`).
     remat_policy: what `remat` may keep (`vlalign.models.scan.REMAT_POLICIES`; "full": nothing).
     scan_layers: run the blocks as one `nn.scan` (parameters `blocks`, leaves `[depth, ...]`)
@@ -295,6 +332,7 @@ class Encoder(nn.Module):
   layer_scale_init: float = 1.0
   remat_policy: str = "full"
   scan_layers: bool = False
+  attention_implementation: str = "flax"
 
   @nn.compact
   def __call__(
@@ -321,6 +359,7 @@ class Encoder(nn.Module):
       activation=self.activation,
       layer_scale=self.layer_scale,
       layer_scale_init=self.layer_scale_init,
+      attention_implementation=self.attention_implementation,
     )
     options = dict(remat=self.remat, policy=self.remat_policy)
     # train_argnum counts `self` as 0: (self, x, mask, train).

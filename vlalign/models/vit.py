@@ -183,6 +183,9 @@ class ViT(nn.Module):
       patch tokens, SigLIP's head) or "gap" (their mean).
     distillation_token: DeiT's distillation token after the CLS, with its own position embedding
       (needs `cls_pos_embed`: the table is then `[2 + g*g, D]`); dropped from `tokens`.
+    attention_implementation: "flax" (default), or "xla" / "cudnn" through
+      `jax.nn.dot_product_attention` ("cudnn": cuDNN's flash attention on NVIDIA GPUs, for a
+      bfloat16 `dtype`); the last two need `dropout=0` (`layers.dot_product_attention_fn`).
 
   The final LayerNorm applies to every token, so `cls` is Hugging Face CLIP's `pooler_output`
   (its `post_layernorm` of the CLS) and, for ViT/DeiT, their `last_hidden_state[:, 0]`.
@@ -211,6 +214,7 @@ class ViT(nn.Module):
   distillation_token: bool = False
   remat_policy: str = "full"
   scan_layers: bool = False
+  attention_implementation: str = "flax"
 
   @nn.compact
   def __call__(
@@ -255,6 +259,11 @@ class ViT(nn.Module):
       )
     if self.cls_pos_embed and not self.class_token:
       raise ConfigError("vit: cls_pos_embed needs class_token=True")
+    if self.attention_implementation != "flax" and self.dropout:
+      raise ConfigError(
+        f"vit: attention_implementation={self.attention_implementation!r} takes no attention "
+        f"dropout, but dropout={self.dropout} (use 'flax', or dropout=0)"
+      )
     prefix = []
     if self.class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), PARAM_DTYPE)
@@ -293,6 +302,7 @@ class ViT(nn.Module):
       layer_scale_init=self.layer_scale_init,
       remat_policy=self.remat_policy,
       scan_layers=self.scan_layers,
+      attention_implementation=self.attention_implementation,
       name="encoder",
     )(x, None, train, jnp.zeros((batch, 1), jnp.int32) if cls_only else None)
     if cls_only:
