@@ -132,17 +132,20 @@ def device_peak(override: float | None = None, device: Any = None) -> Peak:
   if known is not None:
     return Peak(known, "table")
   if device.platform == "cpu":
-    return Peak(measured_cpu_tflops() / max(jax.local_device_count(), 1), "measured")
+    return _measured_peak(measured_cpu_tflops())
   return Peak(None, "unknown")
+
+
+def _measured_peak(host_tflops: float) -> Peak:
+  """A host's measured TFLOP/s per local device: simulated CPU devices share its cores."""
+  return Peak(host_tflops / max(jax.local_device_count(), 1), "measured")
 
 
 def remeasured(peak: Peak) -> Peak:
   """`peak` measured again now if it was measured (a CPU's speed drifts with the load of the
   machine it shares); a table or override figure as it is. A benchmark that alternates this
   probe with timed steps gets ratios measured side by side."""
-  if peak.source != "measured":
-    return peak
-  return Peak(probe_cpu_tflops() / max(jax.local_device_count(), 1), "measured")
+  return _measured_peak(probe_cpu_tflops()) if peak.source == "measured" else peak
 
 
 def utilisation(
